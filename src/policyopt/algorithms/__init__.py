@@ -1,0 +1,30 @@
+"""Pure-torch math for RL post-training: advantages, KL estimators, losses, loss aggregation."""
+
+from .advantages import gae_advantages, group_advantages, whiten, zero_std_group_fraction
+from .aggregation import LOSS_AGGREGATIONS, aggregate_loss, masked_mean
+from .kl import kl_k1, kl_k2, kl_k3
+from .losses import (
+    bradley_terry_loss,
+    clipped_surrogate,
+    clipped_value_loss,
+    selective_log_softmax,
+    token_entropy,
+)
+
+__all__ = [
+    "group_advantages",
+    "zero_std_group_fraction",
+    "whiten",
+    "gae_advantages",
+    "kl_k1",
+    "kl_k2",
+    "kl_k3",
+    "clipped_surrogate",
+    "clipped_value_loss",
+    "bradley_terry_loss",
+    "token_entropy",
+    "selective_log_softmax",
+    "LOSS_AGGREGATIONS",
+    "aggregate_loss",
+    "masked_mean",
+]

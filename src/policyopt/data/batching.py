@@ -1,0 +1,59 @@
+"""Turn prompt and completion text into padded token tensors.
+
+Prompts are left-padded (so every row's next token lands in the same column during generation);
+completions are right-padded. A row is [prompt | completion] with masks for each half.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .loading import format_prompt
+
+
+def encode_prompts(tokenizer, prompts: list, max_prompt_tokens: int, device: torch.device | str = "cpu"):
+    """Tokenize prompts (text or chat messages). Over-long prompts keep their last ``max_prompt_tokens``
+    tokens, the part nearest the answer. Returns (ids [B, P], mask [B, P], number truncated)."""
+    rows, truncated = [], 0
+    for prompt in prompts:
+        text = format_prompt(tokenizer, prompt)
+        # chat templates already carry their special tokens; plain text gets the tokenizer's own
+        ids = tokenizer(text, add_special_tokens=isinstance(prompt, str))["input_ids"]
+        if len(ids) > max_prompt_tokens:
+            ids = ids[-max_prompt_tokens:]
+            truncated += 1
+        rows.append(ids)
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r):] = torch.tensor(r)
+            mask[i, width - len(r):] = 1
+    return ids.to(device), mask.to(device), truncated
+
+
+def encode_completions(tokenizer, completions: list[str], max_tokens: int | None = None,
+                       device: torch.device | str = "cpu"):
+    """Tokenize demonstration completions and append EOS. Returns (ids [B, T], mask [B, T])."""
+    rows = []
+    for text in completions:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        if max_tokens is not None:
+            ids = ids[:max_tokens]
+        rows.append(ids)
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def decode_completions(tokenizer, completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> list[str]:
+    """Completion text without padding or special tokens (EOS included)."""
+    out = []
+    for ids, mask in zip(completion_ids.tolist(), completion_mask.tolist()):
+        out.append(tokenizer.decode([t for t, m in zip(ids, mask) if m], skip_special_tokens=True))
+    return out

@@ -1,0 +1,168 @@
+"""Load user prompt datasets (JSONL, JSON, parquet, datasets' save_to_disk) and validate them."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+JSONL_SUFFIXES = (".jsonl", ".jsonlines", ".ndjson")
+
+
+class DataError(ValueError):
+    """A dataset file is missing, malformed, or has rows without a usable prompt."""
+
+
+def load_rows(path: str, prompt_column: str = "prompt") -> list[dict]:
+    """Read a dataset and return its rows, each with the prompt under the key "prompt"."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise DataError(f"{path}: no such file")
+    if os.path.isdir(path):
+        located = _by_index(path, _read_saved_dataset(path))
+    else:
+        lower = path.lower()
+        if lower.endswith(JSONL_SUFFIXES):
+            located = _read_jsonl(path)
+        elif lower.endswith(".json"):
+            located = _by_index(path, _read_json(path))
+        elif lower.endswith(".parquet"):
+            located = _by_index(path, _read_parquet(path))
+        else:
+            raise DataError(
+                f"{path}: unsupported file type; use .jsonl, .json, .parquet "
+                "or a directory written by datasets' save_to_disk"
+            )
+    if not located:
+        raise DataError(f"{path} has no rows")
+    return [_check_row(row, where, prompt_column) for where, row in located]
+
+
+def _by_index(path: str, rows: list) -> list[tuple[str, Any]]:
+    return [(f"{path}: row {i}", row) for i, row in enumerate(rows)]
+
+
+def _read_jsonl(path: str) -> list[tuple[str, Any]]:
+    """(location "file:line", row) pairs; blank lines are skipped."""
+    located = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{number}: invalid JSON: {e.msg} (column {e.colno})") from e
+            located.append((f"{path}:{number}", row))
+    return located
+
+
+def _read_json(path: str) -> list:
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise DataError(
+                f"{path}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno}); "
+                "a .json file must hold a list of objects (use .jsonl for one object per line)"
+            ) from e
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of objects, got {type(data).__name__}")
+    return data
+
+
+def _read_parquet(path: str) -> list:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises several types for corrupt files
+        raise DataError(f"{path}: could not read parquet file: {e}") from e
+    return table.to_pylist()
+
+
+def _read_saved_dataset(path: str) -> list:
+    import datasets
+
+    try:
+        data = datasets.load_from_disk(path)
+    except Exception as e:
+        raise DataError(
+            f"{path}: could not load directory with datasets.load_from_disk: {e}"
+        ) from e
+    if isinstance(data, datasets.DatasetDict):
+        if "train" not in data:
+            raise DataError(f"{path}: saved DatasetDict has no 'train' split (splits: {list(data)})")
+        data = data["train"]
+    return data.to_list()
+
+
+def _check_row(row: Any, where: str, prompt_column: str) -> dict:
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    if prompt_column not in row:
+        raise DataError(
+            f"{where}: missing prompt column {prompt_column!r}; columns are {sorted(row)}"
+        )
+    prompt = row[prompt_column]
+    problem = _prompt_problem(prompt)
+    if problem:
+        raise DataError(f"{where}: {prompt_column!r} {problem}")
+    if prompt_column == "prompt":
+        return dict(row)
+    if "prompt" in row:
+        raise DataError(
+            f"{where}: has both {prompt_column!r} and 'prompt' columns; rename one of them"
+        )
+    out = {k: v for k, v in row.items() if k != prompt_column}
+    out["prompt"] = prompt
+    return out
+
+
+def _prompt_problem(prompt: Any) -> str | None:
+    """Why a prompt is unusable, or None if it is a non-empty string or chat-message list."""
+    if isinstance(prompt, str):
+        return None if prompt.strip() else "is an empty string"
+    if isinstance(prompt, list):
+        if not prompt:
+            return "is an empty list of messages"
+        for j, message in enumerate(prompt):
+            if not (
+                isinstance(message, dict)
+                and isinstance(message.get("role"), str)
+                and isinstance(message.get("content"), str)
+            ):
+                return (
+                    f"message {j} is not a chat message "
+                    f'{{"role": str, "content": str}}: {message!r}'
+                )
+        return None
+    return f"must be a string or a list of chat messages, got {type(prompt).__name__}"
+
+
+def format_prompt(tokenizer, prompt: str | list[dict]) -> str:
+    """The text the model sees: strings as is, chat messages through the chat template."""
+    if isinstance(prompt, str):
+        return prompt
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(
+            "the dataset's prompts are chat messages but the tokenizer has no chat template; "
+            "use plain-string prompts or a tokenizer with a chat_template"
+        )
+    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+
+
+def completion_text(completion: str | list[dict]) -> str:
+    """The text of a completion: strings as is, the last message's content for chat messages."""
+    if isinstance(completion, str):
+        return completion
+    if not completion:
+        return ""
+    return completion[-1].get("content") or ""
+
+
+def prompt_text(prompt: str | list[dict]) -> str:
+    """The raw text of a prompt, for training a tokenizer on it: chat messages' contents joined."""
+    if isinstance(prompt, str):
+        return prompt
+    return "\n".join(str(m.get("content", "")) for m in prompt)

@@ -1,0 +1,111 @@
+"""Where a recipe's prompts come from: the built-in arithmetic task or a user's dataset file.
+
+Both give a fixed held-out evaluation set and a stream of training batches whose position is a
+small state dict, so a run can be resumed exactly.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from .arithmetic import ArithmeticTask, make_demonstrations, make_rows
+from .loading import DataError, load_rows
+
+EVAL_SEED_OFFSET = 1_000_003  # the held-out set depends on the run seed but never meets training prompts
+DEMO_SEED_OFFSET = 2_000_003
+
+
+@dataclass
+class DataConfig:
+    path: str | None = None  # JSONL / JSON / parquet / saved HF dataset; null: the built-in arithmetic task
+    eval_path: str | None = None  # held-out rows; null: hold out eval_size rows of `path`
+    prompt_column: str = "prompt"
+    completion_column: str = "completion"  # SFT only
+    task: ArithmeticTask = field(default_factory=ArithmeticTask)
+    eval_size: int = 200
+    max_prompt_tokens: int = 256
+    num_demonstrations: int = 300  # SFT on the built-in task: how many worked examples
+
+    def validate(self) -> None:
+        self.task.validate()
+        if self.eval_size < 0:
+            raise ValueError(f"data.eval_size must be >= 0, got {self.eval_size}")
+        if self.max_prompt_tokens < 1:
+            raise ValueError(f"data.max_prompt_tokens must be >= 1, got {self.max_prompt_tokens}")
+        if self.num_demonstrations < 1:
+            raise ValueError(f"data.num_demonstrations must be >= 1, got {self.num_demonstrations}")
+
+
+class PromptSource:
+    """Held-out rows plus an endless, seeded stream of training rows."""
+
+    def __init__(self, config: DataConfig, seed: int, require_column: str | None = None):
+        self.config = config
+        self.seed = seed
+        self.builtin = config.path is None
+        if self.builtin:
+            self.eval_rows = make_rows(config.eval_size, config.task, seed=seed + EVAL_SEED_OFFSET)
+            self.train_rows: list[dict] = []
+        else:
+            rows = load_rows(config.path, config.prompt_column)
+            if require_column is not None:
+                _require(rows, require_column, config.path)
+            if config.eval_path is not None:
+                self.eval_rows = load_rows(config.eval_path, config.prompt_column)
+                self.train_rows = rows
+            else:
+                order = list(range(len(rows)))
+                random.Random(seed + EVAL_SEED_OFFSET).shuffle(order)
+                held = min(config.eval_size, len(rows) // 5)
+                self.eval_rows = [rows[i] for i in order[:held]]
+                self.train_rows = [rows[i] for i in order[held:]]
+        self._eval_prompts = {str(r["prompt"]) for r in self.eval_rows}
+        self.epoch = 0
+        self.position = 0  # rows consumed in this epoch (file) or batches drawn so far (built-in)
+        self._order: list[int] | None = None
+
+    def next_batch(self, n: int) -> list[dict]:
+        if self.builtin:
+            # fresh problems each step, from a seed that depends only on (seed, step): resumable
+            rows = make_rows(n, self.config.task, seed=self.seed * 1_000_033 + self.position,
+                             exclude=self._eval_prompts)
+            self.position += 1
+            return rows
+        batch = []
+        while len(batch) < n:
+            if self._order is None:
+                self._order = list(range(len(self.train_rows)))
+                random.Random(self.seed + self.epoch).shuffle(self._order)
+            take = self._order[self.position: self.position + n - len(batch)]
+            batch.extend(self.train_rows[i] for i in take)
+            self.position += len(take)
+            if self.position >= len(self._order):
+                self.epoch, self.position, self._order = self.epoch + 1, 0, None
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position, self._order = state["epoch"], state["position"], None
+
+
+def demonstration_rows(config: DataConfig, seed: int) -> tuple[list[dict], list[dict]]:
+    """(training demonstrations, held-out rows) for SFT: the built-in task or a file with completions."""
+    if config.path is None:
+        eval_rows = make_rows(config.eval_size, config.task, seed=seed + EVAL_SEED_OFFSET)
+        demos = make_demonstrations(config.num_demonstrations, config.task, seed=seed + DEMO_SEED_OFFSET,
+                                    exclude={r["prompt"] for r in eval_rows})
+        return demos, eval_rows
+    source = PromptSource(config, seed, require_column=config.completion_column)
+    return source.train_rows, source.eval_rows
+
+
+def _require(rows: list[dict], column: str, path: str) -> None:
+    for i, row in enumerate(rows):
+        value = row.get(column)
+        if isinstance(value, list) and value and isinstance(value[-1], dict):
+            value = value[-1].get("content")
+        if not isinstance(value, str) or not value:
+            raise DataError(f"{path}: row {i + 1} has no usable {column!r} column (got {row.get(column)!r})")

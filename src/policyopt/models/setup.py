@@ -1,0 +1,53 @@
+"""Get the policy and tokenizer a recipe trains: load them from a path, or build a tiny local pair."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .loading import load_causal_lm, load_tokenizer, resolve_device, resolve_dtype
+from .tiny import TinyModelConfig, build_tiny_model, build_tokenizer, count_parameters
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelConfig:
+    # a local directory or hub id; null builds a tiny Llama-style model and a byte-level BPE
+    # tokenizer trained on the dataset's own text
+    name_or_path: str | None = None
+    tokenizer: str | None = None  # defaults to name_or_path
+    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on GPUs that support it
+    device: str = "auto"
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+
+    def validate(self) -> None:
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"model.dtype must be auto, float32, bfloat16 or float16; got {self.dtype!r}")
+        self.tiny.validate()
+
+
+def load_or_build(config: ModelConfig, texts: list[str], seed: int, save_dir: str | Path | None = None):
+    """Return (model, tokenizer, device). A built tiny pair is saved to ``save_dir`` when given."""
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    if config.name_or_path is None:
+        tokenizer = build_tokenizer(texts, vocab_size=config.tiny.vocab_size)
+        model = build_tiny_model(tokenizer, config.tiny, seed=seed).to(device=device, dtype=dtype)
+        log.info("built a tiny model: %d parameters, vocabulary %d", count_parameters(model), len(tokenizer))
+        if save_dir is not None:
+            model.save_pretrained(save_dir)
+            tokenizer.save_pretrained(save_dir)
+    else:
+        tokenizer = load_tokenizer(config.tokenizer or config.name_or_path)
+        model = load_causal_lm(config.name_or_path, dtype, device)
+    if model.generation_config is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer, device
+
+
+def describe(model: torch.nn.Module) -> str:
+    return f"{type(model).__name__} with {count_parameters(model):,} parameters"

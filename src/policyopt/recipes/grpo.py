@@ -1,0 +1,317 @@
+"""GRPO: Group Relative Policy Optimization (DeepSeekMath, arXiv:2402.03300), one step top to bottom.
+
+For each prompt q, sample G answers o_1..o_G from pi_old, score them r_1..r_G, and maximise
+
+    J(theta) = agg_{i,t} [ min(rho_it * A_i, clip(rho_it, 1 - eps_low, 1 + eps_high) * A_i) - beta * k3_it ]
+
+    rho_it = pi_theta(o_it | q, o_i<t) / pi_old(o_it | q, o_i<t)
+    A_i    = (r_i - mean(r_1..r_G)) / (std(r_1..r_G) + eps)       the same for every token of answer i
+    k3_it  = pi_ref/pi_theta - log(pi_ref/pi_theta) - 1            against a frozen reference model
+
+where agg is the loss aggregation (per-answer token mean then mean over answers by default). There
+is no value model. The steps below follow the seed's order: freeze the old policy, sample, score,
+group advantages, then mu optimisation passes over minibatches with clipping and the KL term.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..algorithms import (
+    LOSS_AGGREGATIONS,
+    aggregate_loss,
+    clipped_surrogate,
+    group_advantages,
+    kl_k3,
+    zero_std_group_fraction,
+)
+from ..data.batching import decode_completions, encode_prompts
+from ..data.loading import prompt_text
+from ..data.sources import DataConfig, PromptSource
+from ..evaluation import evaluate, headline
+from ..models.forward import completion_logprobs, trim_padding
+from ..models.loading import frozen_copy
+from ..models.setup import ModelConfig, describe, load_or_build
+from ..rewards.combine import RewardSpec, score_completions
+from ..rollout.sampling import SamplingConfig, sample_completions
+from ..runtime.checkpoint import save_pretrained_atomic
+from ..runtime.config import save_config
+from ..runtime.metrics import MetricsLogger
+from ..runtime.optim import build_optimizer, build_scheduler, check_optim
+from ..runtime.plots import plot_run
+from ..runtime.seeding import set_seed
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GRPOConfig:
+    output_dir: str = "runs/grpo"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    rewards: list[RewardSpec] = field(
+        default_factory=lambda: [RewardSpec("accuracy", 1.0), RewardSpec("format", 0.1)]
+    )
+    reward_on_error: str = "raise"  # raise: stop the run; skip: score the sample as missing and count it
+
+    # batch geometry: each step samples prompts_per_step * group_size answers (the rollout batch)
+    steps: int = 60
+    prompts_per_step: int = 64
+    group_size: int = 8  # G
+    num_iterations: int = 1  # mu: optimisation passes over each rollout batch
+    minibatch_size: int | None = None  # answers per optimizer step; null: the whole rollout batch
+    grad_accum_steps: int = 1  # micro-batches per optimizer step (same gradient, less memory)
+
+    # objective
+    beta: float = 0.0  # KL coefficient; 0 skips the reference model entirely
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    scale_rewards: bool = True  # divide by the group std (False: Dr. GRPO's mean-only baseline)
+    advantage_eps: float = 1e-4
+    loss_aggregation: str = "seq_mean_token_mean"  # or token_mean (DAPO), seq_sum_constant (Dr. GRPO)
+
+    # optimizer (steps counted in optimizer steps)
+    lr: float = 5e-4
+    lr_schedule: str = "linear"
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+
+    eval_every: int = 10  # 0: only before and after training
+    save_every: int = 0  # 0: only the final checkpoint
+    tensorboard: bool = True
+
+    def validate(self) -> None:
+        self.model.validate()
+        self.data.validate()
+        self.sampling.validate()
+        check_optim("", self.lr, self.warmup_steps, self.weight_decay, self.max_grad_norm)
+        if self.group_size < 2:
+            raise ValueError(
+                f"group_size must be >= 2: GRPO's advantage compares answers to the same prompt, and a "
+                f"group of {self.group_size} gives every answer zero advantage"
+            )
+        for name in ("steps", "prompts_per_step", "num_iterations", "grad_accum_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        rollout = self.prompts_per_step * self.group_size
+        minibatch = self.minibatch_size or rollout
+        if minibatch < 1 or rollout % minibatch:
+            raise ValueError(
+                f"minibatch_size ({minibatch}) must divide the rollout batch prompts_per_step * group_size = "
+                f"{self.prompts_per_step} * {self.group_size} = {rollout}"
+            )
+        if minibatch % self.grad_accum_steps:
+            raise ValueError(
+                f"grad_accum_steps ({self.grad_accum_steps}) must divide minibatch_size ({minibatch})"
+            )
+        if self.beta < 0 or self.eps_low < 0 or self.eps_high < 0:
+            raise ValueError("beta, eps_low and eps_high must be >= 0")
+        if self.loss_aggregation not in LOSS_AGGREGATIONS:
+            raise ValueError(f"loss_aggregation must be one of {', '.join(LOSS_AGGREGATIONS)}; "
+                             f"got {self.loss_aggregation!r}")
+        if self.reward_on_error not in ("raise", "skip"):
+            raise ValueError(f"reward_on_error must be raise or skip, got {self.reward_on_error!r}")
+        if not self.rewards:
+            raise ValueError("rewards must name at least one reward function")
+        if self.eval_every < 0 or self.save_every < 0:
+            raise ValueError("eval_every and save_every must be >= 0")
+
+    @property
+    def optimizer_steps_per_step(self) -> int:
+        rollout = self.prompts_per_step * self.group_size
+        return self.num_iterations * rollout // (self.minibatch_size or rollout)
+
+
+def run_grpo(config: GRPOConfig) -> dict:
+    """Train with GRPO; returns the summary also written to ``summary.json``."""
+    start_time = time.perf_counter()
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(config, out / "config.yaml")
+    set_seed(config.seed)
+    G = config.group_size
+
+    # --- Setup: prompts, policy, frozen reference (only if beta > 0), rewards, optimizer. ---
+    source = PromptSource(config.data, config.seed)
+    texts = [prompt_text(r["prompt"]) for r in (source.train_rows or source.eval_rows)]
+    policy, tokenizer, device = load_or_build(config.model, texts, config.seed, save_dir=out / "initial")
+    reference = frozen_copy(policy) if config.beta > 0 else None
+    reward_functions = [spec.load() for spec in config.rewards]
+    reward_names = [name for name, _, _ in reward_functions]
+    optimizer = build_optimizer(policy, config.lr, config.weight_decay)
+    total_optimizer_steps = config.steps * config.optimizer_steps_per_step
+    scheduler = build_scheduler(optimizer, config.lr_schedule, config.warmup_steps, total_optimizer_steps)
+    logger = MetricsLogger(out, tensorboard=config.tensorboard)
+    sample_generator = torch.Generator(device=device).manual_seed(config.seed)
+    log.info("GRPO on %s, G=%d, %d prompts/step, beta=%g", describe(policy), G, config.prompts_per_step, config.beta)
+
+    def run_eval() -> dict:
+        return evaluate(policy, tokenizer, source.eval_rows, reward_functions, config.sampling.max_new_tokens,
+                        config.data.max_prompt_tokens, device, on_error=config.reward_on_error)
+
+    before = run_eval()
+    logger.log(0, before)
+    history = [(0, headline(before))]
+    progress = tqdm(range(1, config.steps + 1), desc="grpo", dynamic_ncols=True, disable=None)
+    for step in progress:
+        step_start = time.perf_counter()
+        rows = source.next_batch(config.prompts_per_step)
+        prompts = [r["prompt"] for r in rows]
+
+        # 1. Freeze the old policy: answers are sampled with the current weights, pi_old = pi_theta now.
+        # 2. Sample G answers per prompt.
+        prompt_ids, prompt_mask, num_truncated = encode_prompts(tokenizer, prompts, config.data.max_prompt_tokens,
+                                                                device)
+        rollout = sample_completions(policy, prompt_ids, prompt_mask, G, config.sampling,
+                                     tokenizer.eos_token_id, tokenizer.pad_token_id, sample_generator)
+        completions = decode_completions(tokenizer, rollout.completion_ids, rollout.completion_mask)
+        generation_seconds = time.perf_counter() - step_start
+
+        # 3. Score every answer; each dataset column reaches the reward functions, repeated per answer.
+        columns = {k: [r.get(k) for r in rows for _ in range(G)] for k in rows[0] if k != "prompt"}
+        scores = score_completions(reward_functions, [p for p in prompts for _ in range(G)], completions,
+                                   columns, on_error=config.reward_on_error)
+        rewards = scores.total.to(device)  # [N], NaN where no function applied
+
+        # 4. Group-relative advantages, one per answer, broadcast over its tokens.
+        advantages = group_advantages(rewards, G, scale=config.scale_rewards, eps=config.advantage_eps)  # [N]
+
+        # Padding columns shared by every row cost compute and change nothing: drop them.
+        prompt_ids, prompt_mask, completion_ids, completion_mask = trim_padding(
+            rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask)
+        batch = (prompt_ids, prompt_mask, completion_ids, completion_mask)
+        n = completion_ids.size(0)
+        minibatch = config.minibatch_size or n
+        off_policy = config.num_iterations > 1 or minibatch < n
+
+        # pi_old log-probs are needed only once the policy moves before the last update; with one
+        # update per rollout, pi_old = pi_theta.detach() and no extra forward pass is spent.
+        with torch.no_grad():
+            old_logp = _logprobs_in_chunks(policy, batch, config.sampling.temperature, minibatch) if off_policy else None
+            ref_logp = (_logprobs_in_chunks(reference, batch, config.sampling.temperature, minibatch)
+                        if reference is not None else None)
+
+        # 5. mu optimisation passes over minibatches.
+        policy.train()
+        sums = {"loss": 0.0, "clip": 0.0, "kl": 0.0, "entropy": 0.0, "tokens": 0.0, "grad_norm": 0.0, "updates": 0}
+        for _ in range(config.num_iterations):
+            for mb_start in range(0, n, minibatch):
+                mb_rows = torch.arange(mb_start, mb_start + minibatch, device=device)
+                mb_sequences = minibatch
+                mb_tokens = float(completion_mask[mb_rows].sum())
+                optimizer.zero_grad(set_to_none=True)
+                loss_value = 0.0
+                for micro_rows in mb_rows.chunk(config.grad_accum_steps):
+                    if reference is None:
+                        # Zero-advantage answers add nothing to the gradient when there is no KL term:
+                        # skip their forward/backward. The normaliser keeps the whole minibatch's counts.
+                        micro_rows = micro_rows[advantages[micro_rows] != 0]
+                        if micro_rows.numel() == 0:
+                            continue
+                    ids_p, mask_p, ids_c, mask_c = trim_padding(*(t[micro_rows] for t in batch))
+                    logp, entropy = completion_logprobs(policy, ids_p, mask_p, ids_c, mask_c,
+                                                        config.sampling.temperature, with_entropy=True)
+                    width = ids_c.size(1)
+                    old = old_logp[micro_rows, :width] if old_logp is not None else logp.detach()
+                    per_token, clipped = clipped_surrogate(logp, old, advantages[micro_rows],
+                                                           config.eps_low, config.eps_high)
+                    if reference is not None:
+                        kl = kl_k3(logp, ref_logp[micro_rows, :width])
+                        per_token = per_token + config.beta * kl
+                        sums["kl"] += float((kl.detach() * mask_c).sum())
+                    loss = aggregate_loss(per_token, mask_c, config.loss_aggregation, num_sequences=mb_sequences,
+                                          num_tokens=mb_tokens, constant=config.sampling.max_new_tokens)
+                    loss.backward()
+                    loss_value += float(loss)
+                    sums["clip"] += float((clipped.float() * mask_c).sum())
+                    sums["entropy"] += float((entropy * mask_c).sum())
+                    sums["tokens"] += float(mask_c.sum())
+                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                sums["loss"] += loss_value
+                sums["grad_norm"] += float(grad_norm)
+                sums["updates"] += 1
+
+        # --- Metrics, evaluation, checkpoints. ---
+        seconds = time.perf_counter() - step_start
+        lengths = rollout.lengths.float()
+        trained_tokens = max(sums["tokens"], 1.0)
+        metrics = {
+            "reward/mean": float(rewards.nanmean()),
+            "reward/std": float(_nanstd(rewards)),
+            "frac_reward_zero_std": zero_std_group_fraction(rewards, G),
+            "loss": sums["loss"] / sums["updates"],
+            "clip_fraction": sums["clip"] / trained_tokens,
+            "entropy": sums["entropy"] / trained_tokens,
+            "completion_length": float(lengths.mean()),
+            "frac_finished": float(rollout.finished.float().mean()),
+            "lr": scheduler.get_last_lr()[0],
+            "grad_norm": sums["grad_norm"] / sums["updates"],
+            "seconds_per_step": seconds,
+            "generation_seconds": generation_seconds,
+            "tokens_per_second": float(rollout.prompt_mask.sum() + lengths.sum()) / seconds,
+            "prompts_truncated": num_truncated,
+            "reward_failures": scores.num_failed,
+        }
+        if reference is not None:
+            metrics["kl"] = sums["kl"] / trained_tokens
+        for j, name in enumerate(reward_names):
+            column = scores.per_function[:, j]
+            metrics[f"reward/{name}/mean"] = float(column.nanmean())
+            metrics[f"reward/{name}/std"] = float(_nanstd(column))
+        if config.eval_every and step % config.eval_every == 0 and step < config.steps:
+            metrics.update(run_eval())
+            history.append((step, headline(metrics)))
+        logger.log(step, metrics)
+        progress.set_postfix(reward=f"{metrics['reward/mean']:.3f}", acc=f"{history[-1][1]:.3f}")
+        if config.save_every and step % config.save_every == 0:
+            save_pretrained_atomic(policy, tokenizer, out / "checkpoints" / f"step-{step}")
+
+    after = run_eval()
+    logger.log(config.steps, after)
+    history.append((config.steps, headline(after)))
+    logger.close()
+    save_pretrained_atomic(policy, tokenizer, out / "final")
+    plot_run(out / "metrics.jsonl", out / "curves.png", title="GRPO")
+    summary = {
+        "recipe": "grpo",
+        "steps": config.steps,
+        "accuracy_before": headline(before),
+        "accuracy_after": headline(after),
+        "eval_before": before,
+        "eval_after": after,
+        "eval_history": history,
+        "seconds": time.perf_counter() - start_time,
+        "model_dir": str(out / "final"),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _logprobs_in_chunks(model, batch, temperature: float, chunk: int) -> torch.Tensor:
+    """log-probs of every completion token, [N, T], computed ``chunk`` rows at a time (no grad)."""
+    prompt_ids, prompt_mask, completion_ids, completion_mask = batch
+    out = torch.zeros(completion_ids.shape, dtype=torch.float32, device=completion_ids.device)
+    for start in range(0, completion_ids.size(0), chunk):
+        rows = slice(start, start + chunk)
+        logp, _ = completion_logprobs(model, prompt_ids[rows], prompt_mask[rows], completion_ids[rows],
+                                      completion_mask[rows], temperature)
+        out[rows] = logp
+    return out
+
+
+def _nanstd(values: torch.Tensor) -> float:
+    valid = values[~values.isnan()]
+    return float(valid.std()) if valid.numel() > 1 else math.nan

@@ -1,0 +1,73 @@
+"""Built-in reward functions for <answer>...</answer> completions (TRL reward-function shape)."""
+
+from __future__ import annotations
+
+import math
+import re
+
+from policyopt.data.loading import completion_text
+
+OPEN, CLOSE = "<answer>", "</answer>"
+_WHOLE_ANSWER = re.compile(r"<answer>(.*)</answer>", re.DOTALL)
+
+
+def extract_answer(text: str) -> str | None:
+    """Stripped content of the last <answer>...</answer> in text, or None if there is none."""
+    end = text.rfind(CLOSE)
+    if end == -1:
+        return None
+    start = text.rfind(OPEN, 0, end)
+    if start == -1:
+        return None
+    return text[start + len(OPEN) : end].strip()
+
+
+def _as_number(text: str) -> int | float | None:
+    text = text.strip()
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def answers_match(predicted: str, truth: str) -> bool:
+    """Numeric equality when both parse as numbers ("19" == "19.0"), else stripped string equality."""
+    a, b = _as_number(predicted), _as_number(truth)
+    if a is not None and b is not None:
+        return a == b
+    return predicted.strip() == truth.strip()
+
+
+def accuracy_reward(prompts, completions, answer, **kwargs) -> list[float | None]:
+    """1.0 if the last <answer> matches the row's answer, 0.0 if not, None if the row has no answer."""
+    rewards: list[float | None] = []
+    for completion, truth in zip(completions, answer, strict=True):
+        if truth is None:
+            rewards.append(None)
+            continue
+        predicted = extract_answer(completion_text(completion))
+        rewards.append(1.0 if predicted is not None and answers_match(predicted, str(truth)) else 0.0)
+    return rewards
+
+
+def format_reward(prompts, completions, **kwargs) -> list[float]:
+    """1.0 if the completion is exactly one non-empty <answer>...</answer> and nothing else."""
+    rewards = []
+    for completion in completions:
+        match = _WHOLE_ANSWER.fullmatch(completion_text(completion).strip())
+        ok = (
+            match is not None
+            and match.group(1).strip() != ""
+            and OPEN not in match.group(1)
+            and CLOSE not in match.group(1)
+        )
+        rewards.append(1.0 if ok else 0.0)
+    return rewards
+
+
+BUILTIN_REWARDS = {"accuracy": accuracy_reward, "format": format_reward}

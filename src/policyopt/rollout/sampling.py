@@ -1,0 +1,169 @@
+"""Batched sampling of G completions per prompt with a KV cache.
+
+Shapes: B prompts, G answers each, N = B * G rows laid out group-contiguous (rows g*G .. g*G+G-1
+answer prompt g), P prompt tokens (left-padded), T completion tokens (right-padded).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from ..models.loading import cache_keyword
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 1.0  # 0 means greedy decoding
+    top_p: float = 1.0
+    top_k: int = 0  # 0 disables top-k
+    max_new_tokens: int = 16
+
+    def validate(self, prefix: str = "sampling") -> None:
+        if self.temperature < 0:
+            raise ValueError(f"{prefix}.temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"{prefix}.top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"{prefix}.top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"{prefix}.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass
+class Rollout:
+    prompt_ids: torch.Tensor  # [N, P] left-padded
+    prompt_mask: torch.Tensor  # [N, P] 1 on real prompt tokens
+    completion_ids: torch.Tensor  # [N, T] right-padded with the pad id
+    completion_mask: torch.Tensor  # [N, T] 1 on generated tokens up to and including EOS
+    sample_logprobs: torch.Tensor  # [N, T] log pi(token) under the tempered sampling distribution, 0 on padding
+    finished: torch.Tensor  # [N] bool: the completion ended with EOS (not cut at max_new_tokens)
+    group_size: int
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.completion_mask.sum(dim=1)
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Set logits outside the top-k and outside the top-p nucleus to -inf (the most likely token always stays)."""
+    if top_k and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # drop a token when the mass *before* it already reaches top_p
+        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def _next_tokens(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None):
+    """Pick one token per row; return it with its log-probability under the tempered, unfiltered policy.
+
+    The recorded log-probability is the quantity the trainer recomputes (logits / temperature, full
+    vocabulary), so with one update per rollout the importance ratio starts at exactly 1.
+    """
+    logits = logits.float()
+    if sampling.temperature == 0:
+        tokens = logits.argmax(dim=-1)
+        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
+        return tokens, logprobs
+    scaled = logits / sampling.temperature
+    probs = filter_logits(scaled, sampling.top_k, sampling.top_p).softmax(dim=-1)
+    tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    logprobs = (scaled.gather(-1, tokens[:, None]).squeeze(-1) - torch.logsumexp(scaled, dim=-1))
+    return tokens, logprobs
+
+
+@torch.no_grad()
+def sample_completions(
+    model: torch.nn.Module,
+    prompt_ids: torch.Tensor,  # [B, P] left-padded
+    prompt_mask: torch.Tensor,  # [B, P]
+    group_size: int,
+    sampling: SamplingConfig,
+    eos_token_id: int,
+    pad_token_id: int,
+    generator: torch.Generator | None = None,
+) -> Rollout:
+    """Sample ``group_size`` completions for each prompt.
+
+    Work saved without changing the samples' distribution:
+    - each prompt is prefilled once and its KV cache repeated G times;
+    - rows that have emitted EOS are dropped from the batch (cache included) once a quarter of the
+      active rows have finished, so finished answers stop costing compute.
+    """
+    was_training = model.training
+    model.eval()
+    device = prompt_ids.device
+    cache_kw = cache_keyword(model)
+    batch, prompt_len = prompt_ids.shape
+    n = batch * group_size
+
+    cache = DynamicCache()
+    positions = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
+    out = model(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        position_ids=positions,
+        use_cache=True,
+        logits_to_keep=1,
+        **{cache_kw: cache},
+    )
+    logits = out.logits[:, -1].repeat_interleave(group_size, dim=0)  # [N, V]
+    cache.batch_repeat_interleave(group_size)
+    attn = prompt_mask.repeat_interleave(group_size, dim=0)  # [N, P + t] for the active rows
+    next_pos = positions[:, -1].repeat_interleave(group_size, dim=0) + 1  # [N]
+
+    tokens_out = torch.full((n, sampling.max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    logprobs_out = torch.zeros((n, sampling.max_new_tokens), dtype=torch.float32, device=device)
+    lengths = torch.zeros(n, dtype=torch.long, device=device)
+    finished = torch.zeros(n, dtype=torch.bool, device=device)
+    active = torch.arange(n, device=device)  # original row of each row still in the batch
+
+    for step in range(sampling.max_new_tokens):
+        tokens, logprobs = _next_tokens(logits, sampling, generator)
+        was_done = finished[active]  # rows that ended earlier but are not compacted away yet
+        tokens = tokens.masked_fill(was_done, pad_token_id)
+        tokens_out[active, step] = tokens
+        logprobs_out[active, step] = logprobs.masked_fill(was_done, 0.0)
+        lengths[active] += (~was_done).long()
+        finished[active] = was_done | (tokens == eos_token_id)
+        if step == sampling.max_new_tokens - 1 or bool(finished.all()):
+            break
+        done_in_batch = finished[active]
+        if done_in_batch.float().mean() >= 0.25:
+            keep = (~done_in_batch).nonzero().squeeze(-1)
+            cache.batch_select_indices(keep)
+            active, tokens, attn, next_pos = active[keep], tokens[keep], attn[keep], next_pos[keep]
+        attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
+        out = model(
+            input_ids=tokens[:, None],
+            attention_mask=attn,
+            position_ids=next_pos[:, None],
+            use_cache=True,
+            **{cache_kw: cache},
+        )
+        logits = out.logits[:, -1]
+        next_pos = next_pos + 1
+
+    width = int(lengths.max().item()) if n else 0
+    steps = torch.arange(width, device=device)
+    completion_mask = (steps[None, :] < lengths[:, None]).long()
+    completion_ids = tokens_out[:, :width].masked_fill(completion_mask == 0, pad_token_id)
+    if was_training:
+        model.train()
+    return Rollout(
+        prompt_ids=prompt_ids.repeat_interleave(group_size, dim=0),
+        prompt_mask=prompt_mask.repeat_interleave(group_size, dim=0),
+        completion_ids=completion_ids,
+        completion_mask=completion_mask,
+        sample_logprobs=logprobs_out[:, :width] * completion_mask,
+        finished=finished,
+        group_size=group_size,
+    )

@@ -1,0 +1,37 @@
+"""AdamW with warmup and decay, shared by every recipe."""
+
+from __future__ import annotations
+
+import torch
+from transformers import get_scheduler
+
+LR_SCHEDULES = ("linear", "cosine", "constant_with_warmup")
+
+
+def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
+                    betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.AdamW:
+    # norms and biases are not decayed (the usual transformer practice)
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # foreach kernels are the fast path on CPU and GPU alike for many small tensors
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, foreach=True)
+
+
+def build_scheduler(optimizer, schedule: str, warmup_steps: int, total_steps: int):
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}; got {schedule!r}")
+    return get_scheduler(schedule, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
+
+
+def check_optim(prefix: str, lr: float, warmup_steps: int, weight_decay: float, max_grad_norm: float) -> None:
+    if not lr > 0:
+        raise ValueError(f"{prefix}lr must be > 0, got {lr}")
+    if warmup_steps < 0:
+        raise ValueError(f"{prefix}warmup_steps must be >= 0, got {warmup_steps}")
+    if weight_decay < 0:
+        raise ValueError(f"{prefix}weight_decay must be >= 0, got {weight_decay}")
+    if not max_grad_norm > 0:
+        raise ValueError(f"{prefix}max_grad_norm must be > 0, got {max_grad_norm}")
