@@ -233,7 +233,7 @@ def run_grpo(config: GRPOConfig) -> dict:
                     loss = aggregate_loss(per_token, mask_c, config.loss_aggregation, num_sequences=mb_sequences,
                                           num_tokens=mb_tokens, constant=config.sampling.max_new_tokens)
                     loss.backward()
-                    loss_value += float(loss)
+                    loss_value += float(loss.detach())
                     sums["clip"] += float((clipped.float() * mask_c).sum())
                     sums["entropy"] += float((entropy * mask_c).sum())
                     sums["tokens"] += float(mask_c.sum())

@@ -163,10 +163,10 @@ def run_sft(config: SFTConfig, model=None, tokenizer=None) -> dict:
         scheduler.step()
         step += 1
         seconds = time.perf_counter() - step_start
-        logger.log(step, {"loss": float(loss), "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
+        logger.log(step, {"loss": float(loss.detach()), "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
                           "seconds_per_step": seconds, "tokens_per_second": float(num_tokens) / seconds})
         progress.update(1)
-        progress.set_postfix(loss=f"{float(loss):.3f}")
+        progress.set_postfix(loss=f"{float(loss.detach()):.3f}")
         if config.eval_every and step % config.eval_every == 0 and step < config.steps:
             run_eval(step)
     progress.close()

@@ -1,0 +1,95 @@
+"""End-to-end GRPO runs on a tiny model built in the test: reward rises, outputs reload, options work."""
+
+import json
+import textwrap
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from policyopt.cli import main
+from policyopt.evaluation import evaluate
+from policyopt.recipes.grpo import GRPOConfig, run_grpo
+from policyopt.rewards.combine import RewardSpec
+from policyopt.runtime.config import config_from_dict
+from policyopt.runtime.metrics import read_metrics
+
+TINY = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64}
+
+
+@pytest.fixture()
+def reward_file(tmp_path):
+    path = tmp_path / "my_rewards.py"
+    path.write_text(textwrap.dedent("""
+        def starts_with_digit(prompts, completions, **columns):
+            # every dataset column arrives, one value per completion
+            assert all(len(v) == len(completions) for v in columns.values())
+            return [1.0 if c[:1].isdigit() else 0.0 for c in completions]
+    """))
+    return f"{path}:starts_with_digit"
+
+
+def _config(tmp_path, reward, **overrides):
+    data = {"output_dir": str(tmp_path / "run"), "steps": 25, "prompts_per_step": 16, "group_size": 8,
+            "lr": 1e-2, "warmup_steps": 0, "eval_every": 10, "tensorboard": True,
+            "rewards": [{"function": reward}], "sampling": {"max_new_tokens": 6},
+            "data": {"eval_size": 32}, "model": {"tiny": TINY}}
+    data.update(overrides)
+    return config_from_dict(GRPOConfig, data)
+
+
+def test_reward_rises_and_outputs_are_written(tmp_path, reward_file):
+    summary = run_grpo(_config(tmp_path, reward_file))
+    out = tmp_path / "run"
+    records = [r for r in read_metrics(out / "metrics.jsonl") if "reward/mean" in r]
+    assert len(records) == 25
+    first = sum(r["reward/mean"] for r in records[:5]) / 5
+    last = sum(r["reward/mean"] for r in records[-5:]) / 5
+    assert last > first + 0.1, (first, last)
+    assert summary["accuracy_after"] > summary["accuracy_before"]
+    for key in ("reward/std", "frac_reward_zero_std", "clip_fraction", "entropy", "completion_length", "lr",
+                "grad_norm", "seconds_per_step", "tokens_per_second", "reward/starts_with_digit/mean"):
+        assert key in records[0], key
+    assert any("eval/reward" in r for r in read_metrics(out / "metrics.jsonl") if 0 < r["step"] < 25)
+    for name in ("summary.json", "config.yaml", "curves.png", "final/config.json", "final/tokenizer.json"):
+        assert (out / name).exists(), name
+    assert list((out / "tensorboard").iterdir())
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["accuracy_after"] == summary["accuracy_after"] and saved["seconds"] > 0
+
+    # The final checkpoint reloads with plain transformers and scores exactly as the run reported.
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    tokenizer = AutoTokenizer.from_pretrained(out / "final")
+    from policyopt.data.sources import PromptSource
+
+    cfg = _config(tmp_path, reward_file)
+    rows = PromptSource(cfg.data, cfg.seed).eval_rows
+    again = evaluate(model, tokenizer, rows, [RewardSpec(reward_file).load()], 6, 256, torch.device("cpu"))
+    assert again["eval/reward"] == pytest.approx(summary["accuracy_after"])
+
+
+def test_kl_minibatches_and_multiple_iterations(tmp_path, reward_file):
+    cfg = _config(tmp_path, reward_file, steps=2, eval_every=0, beta=0.1, num_iterations=2, minibatch_size=32,
+                  grad_accum_steps=2, loss_aggregation="token_mean", tensorboard=False)
+    run_grpo(cfg)
+    records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert len(records) == 2
+    for r in records:
+        assert r["kl"] >= 0 and 0 <= r["clip_fraction"] <= 1
+    # after the first optimizer step the policy has moved, so the second pass sees ratios != 1
+    assert records[-1]["kl"] > 0
+
+
+def test_grpo_cli_on_a_user_dataset_and_reward(tmp_path, reward_file):
+    data = tmp_path / "prompts.jsonl"
+    with data.open("w") as f:
+        for i in range(40):
+            f.write(json.dumps({"prompt": [{"role": "user", "content": f"pick a digit #{i}"}], "tag": i}) + "\n")
+    out = tmp_path / "cli"
+    code = main(["grpo", "--output-dir", str(out), f"data.path={data}", "data.eval_size=8",
+                 f"rewards=[{{function: '{reward_file}'}}]", "steps=3", "prompts_per_step=4", "group_size=4",
+                 "eval_every=0", "sampling.max_new_tokens=4", "tensorboard=false",
+                 "model.tiny.hidden_size=32", "model.tiny.num_heads=2", "model.tiny.num_layers=1"])
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 3 and (out / "final" / "config.json").exists()
