@@ -15,6 +15,7 @@ from .data.loading import DataError
 from .models.loading import ModelLoadError
 from .rewards.combine import RewardError
 from .runtime.config import ConfigError, load_config
+from .runtime.signals import TrainingInterrupted
 
 USER_ERRORS = (ConfigError, DataError, ModelLoadError, RewardError)
 
@@ -39,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", help="YAML config file")
         p.add_argument("--output-dir", help="where the run writes (same as output_dir=...)")
         p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+        if name == "grpo":
+            p.add_argument("--resume", action="store_true",
+                           help="continue from the newest complete checkpoint in the output directory")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. grpo.lr=1e-4 sampling.temperature=0.8")
     return parser
 
@@ -50,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     overrides = list(args.overrides)
     if args.output_dir:
         overrides.append(f"output_dir={args.output_dir}")
+    if getattr(args, "resume", False):
+        overrides.append("resume=auto")
     try:
         config = load_config(config_cls, args.config, overrides)
         if args.print_config:
@@ -63,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as exc:
         print(f"policyopt {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as exc:
+        print(f"policyopt {args.command}: {exc}; continue with --resume", file=sys.stderr)
+        return 128 + exc.signum
     except KeyboardInterrupt:
         print(f"policyopt {args.command}: interrupted", file=sys.stderr)
         return 130

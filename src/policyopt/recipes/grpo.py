@@ -15,9 +15,11 @@ group advantages, then mu optimisation passes over minibatches with clipping and
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,16 +40,25 @@ from ..data.loading import prompt_text
 from ..data.sources import DataConfig, PromptSource
 from ..evaluation import evaluate, headline
 from ..models.forward import completion_logprobs, trim_padding
-from ..models.loading import frozen_copy
+from ..models.loading import frozen_copy, load_causal_lm
 from ..models.setup import ModelConfig, describe, load_or_build
 from ..rewards.combine import RewardSpec, score_completions
 from ..rollout.sampling import SamplingConfig, sample_completions
-from ..runtime.checkpoint import save_pretrained_atomic
-from ..runtime.config import save_config
+from ..runtime.checkpoint import (
+    list_checkpoints,
+    load_training_state,
+    resolve_resume,
+    restore_rng_state,
+    rng_state,
+    save_pretrained_atomic,
+    save_training_checkpoint,
+)
+from ..runtime.config import ConfigError, save_config
 from ..runtime.metrics import MetricsLogger
 from ..runtime.optim import build_optimizer, build_scheduler, check_optim
 from ..runtime.plots import plot_run
 from ..runtime.seeding import set_seed
+from ..runtime.signals import StopRequests, TrainingInterrupted
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +99,9 @@ class GRPOConfig:
     max_grad_norm: float = 1.0
 
     eval_every: int = 10  # 0: only before and after training
-    save_every: int = 0  # 0: only the final checkpoint
+    save_every: int = 0  # checkpoint the full training state every N steps (0: never; SIGTERM/Ctrl-C always do)
+    keep_last: int = 2  # training checkpoints kept on disk
+    resume: str | None = None  # auto: continue from the newest complete checkpoint in output_dir; or a path
     tensorboard: bool = True
 
     def validate(self) -> None:
@@ -124,8 +137,8 @@ class GRPOConfig:
             raise ValueError(f"reward_on_error must be raise or skip, got {self.reward_on_error!r}")
         if not self.rewards:
             raise ValueError("rewards must name at least one reward function")
-        if self.eval_every < 0 or self.save_every < 0:
-            raise ValueError("eval_every and save_every must be >= 0")
+        if self.eval_every < 0 or self.save_every < 0 or self.keep_last < 1:
+            raise ValueError("eval_every and save_every must be >= 0, keep_last >= 1")
 
     @property
     def optimizer_steps_per_step(self) -> int:
@@ -142,17 +155,26 @@ def run_grpo(config: GRPOConfig) -> dict:
     set_seed(config.seed)
     G = config.group_size
 
+    checkpoint_root = out / "checkpoints"
+    resume_from = resolve_resume(config.resume, checkpoint_root)
+    if resume_from is None and list_checkpoints(checkpoint_root):
+        raise ConfigError(f"{out} already holds checkpoints of an earlier run: continue it with resume=auto "
+                          "(--resume), or choose another output_dir")
+
     # --- Setup: prompts, policy, frozen reference (only if beta > 0), rewards, optimizer. ---
     source = PromptSource(config.data, config.seed)
     texts = [prompt_text(r["prompt"]) for r in (source.train_rows or source.eval_rows)]
-    policy, tokenizer, device = load_or_build(config.model, texts, config.seed, save_dir=out / "initial")
+    model_config = config.model
+    if resume_from is not None and model_config.name_or_path is None:
+        # the tiny model this run built at its start, not a new one
+        model_config = dataclasses.replace(model_config, name_or_path=str(out / "initial"))
+    policy, tokenizer, device = load_or_build(model_config, texts, config.seed, save_dir=out / "initial")
     reference = frozen_copy(policy) if config.beta > 0 else None
     reward_functions = [spec.load() for spec in config.rewards]
     reward_names = [name for name, _, _ in reward_functions]
     optimizer = build_optimizer(policy, config.lr, config.weight_decay)
     total_optimizer_steps = config.steps * config.optimizer_steps_per_step
     scheduler = build_scheduler(optimizer, config.lr_schedule, config.warmup_steps, total_optimizer_steps)
-    logger = MetricsLogger(out, tensorboard=config.tensorboard)
     sample_generator = torch.Generator(device=device).manual_seed(config.seed)
     log.info("GRPO on %s, G=%d, %d prompts/step, beta=%g", describe(policy), G, config.prompts_per_step, config.beta)
 
@@ -160,124 +182,156 @@ def run_grpo(config: GRPOConfig) -> dict:
         return evaluate(policy, tokenizer, source.eval_rows, reward_functions, config.sampling.max_new_tokens,
                         config.data.max_prompt_tokens, device, on_error=config.reward_on_error)
 
-    before = run_eval()
-    logger.log(0, before)
-    history = [(0, headline(before))]
-    progress = tqdm(range(1, config.steps + 1), desc="grpo", dynamic_ncols=True, disable=None)
-    for step in progress:
-        step_start = time.perf_counter()
-        rows = source.next_batch(config.prompts_per_step)
-        prompts = [r["prompt"] for r in rows]
+    def training_state() -> dict:
+        return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": rng_state({"sampling": sample_generator}), "data": source.state_dict(),
+                "before": before, "history": history,
+                "elapsed": elapsed_earlier + time.perf_counter() - start_time}
 
-        # 1. Freeze the old policy: answers are sampled with the current weights, pi_old = pi_theta now.
-        # 2. Sample G answers per prompt.
-        prompt_ids, prompt_mask, num_truncated = encode_prompts(tokenizer, prompts, config.data.max_prompt_tokens,
-                                                                device)
-        rollout = sample_completions(policy, prompt_ids, prompt_mask, G, config.sampling,
-                                     tokenizer.eos_token_id, tokenizer.pad_token_id, sample_generator)
-        completions = decode_completions(tokenizer, rollout.completion_ids, rollout.completion_mask)
-        generation_seconds = time.perf_counter() - step_start
+    if resume_from is None:
+        elapsed_earlier, first_step = 0.0, 1
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+        logger = MetricsLogger(out, tensorboard=config.tensorboard)
+        before = run_eval()
+        logger.log(0, before)
+        history = [(0, headline(before))]
+    else:
+        state = load_training_state(resume_from)
+        weights = load_causal_lm(str(resume_from), next(policy.parameters()).dtype, device)
+        policy.load_state_dict(weights.state_dict())
+        del weights
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        source.load_state_dict(state["data"])
+        restore_rng_state(state["rng"], {"sampling": sample_generator})
+        before, history, elapsed_earlier = state["before"], state["history"], state["elapsed"]
+        first_step = state["step"] + 1
+        shutil.copyfile(resume_from / "metrics.jsonl", out / "metrics.jsonl")  # drop records after the checkpoint
+        logger = MetricsLogger(out, tensorboard=config.tensorboard, purge_step=first_step)
+        log.info("resumed from %s at step %d", resume_from, first_step)
 
-        # 3. Score every answer; each dataset column reaches the reward functions, repeated per answer.
-        columns = {k: [r.get(k) for r in rows for _ in range(G)] for k in rows[0] if k != "prompt"}
-        scores = score_completions(reward_functions, [p for p in prompts for _ in range(G)], completions,
-                                   columns, on_error=config.reward_on_error)
-        rewards = scores.total.to(device)  # [N], NaN where no function applied
+    stop = StopRequests()
+    progress = tqdm(range(first_step, config.steps + 1), desc="grpo", dynamic_ncols=True, disable=None,
+                    initial=first_step - 1, total=config.steps)
+    with stop:
+        for step in progress:
+            step_start = time.perf_counter()
+            rows = source.next_batch(config.prompts_per_step)
+            prompts = [r["prompt"] for r in rows]
 
-        # 4. Group-relative advantages, one per answer, broadcast over its tokens.
-        advantages = group_advantages(rewards, G, scale=config.scale_rewards, eps=config.advantage_eps)  # [N]
+            # 1. Freeze the old policy: answers are sampled with the current weights, pi_old = pi_theta now.
+            # 2. Sample G answers per prompt.
+            prompt_ids, prompt_mask, num_truncated = encode_prompts(tokenizer, prompts, config.data.max_prompt_tokens,
+                                                                    device)
+            rollout = sample_completions(policy, prompt_ids, prompt_mask, G, config.sampling,
+                                         tokenizer.eos_token_id, tokenizer.pad_token_id, sample_generator)
+            completions = decode_completions(tokenizer, rollout.completion_ids, rollout.completion_mask)
+            generation_seconds = time.perf_counter() - step_start
 
-        # Padding columns shared by every row cost compute and change nothing: drop them.
-        prompt_ids, prompt_mask, completion_ids, completion_mask = trim_padding(
-            rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask)
-        batch = (prompt_ids, prompt_mask, completion_ids, completion_mask)
-        n = completion_ids.size(0)
-        minibatch = config.minibatch_size or n
-        off_policy = config.num_iterations > 1 or minibatch < n
+            # 3. Score every answer; each dataset column reaches the reward functions, repeated per answer.
+            columns = {k: [r.get(k) for r in rows for _ in range(G)] for k in rows[0] if k != "prompt"}
+            scores = score_completions(reward_functions, [p for p in prompts for _ in range(G)], completions,
+                                       columns, on_error=config.reward_on_error)
+            rewards = scores.total.to(device)  # [N], NaN where no function applied
 
-        # pi_old log-probs are needed only once the policy moves before the last update; with one
-        # update per rollout, pi_old = pi_theta.detach() and no extra forward pass is spent.
-        with torch.no_grad():
-            old_logp = _logprobs_in_chunks(policy, batch, config.sampling.temperature, minibatch) if off_policy else None
-            ref_logp = (_logprobs_in_chunks(reference, batch, config.sampling.temperature, minibatch)
-                        if reference is not None else None)
+            # 4. Group-relative advantages, one per answer, broadcast over its tokens.
+            advantages = group_advantages(rewards, G, scale=config.scale_rewards, eps=config.advantage_eps)  # [N]
 
-        # 5. mu optimisation passes over minibatches.
-        policy.train()
-        sums = {"loss": 0.0, "clip": 0.0, "kl": 0.0, "entropy": 0.0, "tokens": 0.0, "grad_norm": 0.0, "updates": 0}
-        for _ in range(config.num_iterations):
-            for mb_start in range(0, n, minibatch):
-                mb_rows = torch.arange(mb_start, mb_start + minibatch, device=device)
-                mb_sequences = minibatch
-                mb_tokens = float(completion_mask[mb_rows].sum())
-                optimizer.zero_grad(set_to_none=True)
-                loss_value = 0.0
-                for micro_rows in mb_rows.chunk(config.grad_accum_steps):
-                    if reference is None:
-                        # Zero-advantage answers add nothing to the gradient when there is no KL term:
-                        # skip their forward/backward. The normaliser keeps the whole minibatch's counts.
-                        micro_rows = micro_rows[advantages[micro_rows] != 0]
-                        if micro_rows.numel() == 0:
-                            continue
-                    ids_p, mask_p, ids_c, mask_c = trim_padding(*(t[micro_rows] for t in batch))
-                    logp, entropy = completion_logprobs(policy, ids_p, mask_p, ids_c, mask_c,
-                                                        config.sampling.temperature, with_entropy=True)
-                    width = ids_c.size(1)
-                    old = old_logp[micro_rows, :width] if old_logp is not None else logp.detach()
-                    per_token, clipped = clipped_surrogate(logp, old, advantages[micro_rows],
-                                                           config.eps_low, config.eps_high)
-                    if reference is not None:
-                        kl = kl_k3(logp, ref_logp[micro_rows, :width])
-                        per_token = per_token + config.beta * kl
-                        sums["kl"] += float((kl.detach() * mask_c).sum())
-                    loss = aggregate_loss(per_token, mask_c, config.loss_aggregation, num_sequences=mb_sequences,
-                                          num_tokens=mb_tokens, constant=config.sampling.max_new_tokens)
-                    loss.backward()
-                    loss_value += float(loss.detach())
-                    sums["clip"] += float((clipped.float() * mask_c).sum())
-                    sums["entropy"] += float((entropy * mask_c).sum())
-                    sums["tokens"] += float(mask_c.sum())
-                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                sums["loss"] += loss_value
-                sums["grad_norm"] += float(grad_norm)
-                sums["updates"] += 1
+            # Padding columns shared by every row cost compute and change nothing: drop them.
+            prompt_ids, prompt_mask, completion_ids, completion_mask = trim_padding(
+                rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask)
+            batch = (prompt_ids, prompt_mask, completion_ids, completion_mask)
+            n = completion_ids.size(0)
+            minibatch = config.minibatch_size or n
+            off_policy = config.num_iterations > 1 or minibatch < n
 
-        # --- Metrics, evaluation, checkpoints. ---
-        seconds = time.perf_counter() - step_start
-        lengths = rollout.lengths.float()
-        trained_tokens = max(sums["tokens"], 1.0)
-        metrics = {
-            "reward/mean": float(rewards.nanmean()),
-            "reward/std": float(_nanstd(rewards)),
-            "frac_reward_zero_std": zero_std_group_fraction(rewards, G),
-            "loss": sums["loss"] / sums["updates"],
-            "clip_fraction": sums["clip"] / trained_tokens,
-            "entropy": sums["entropy"] / trained_tokens,
-            "completion_length": float(lengths.mean()),
-            "frac_finished": float(rollout.finished.float().mean()),
-            "lr": scheduler.get_last_lr()[0],
-            "grad_norm": sums["grad_norm"] / sums["updates"],
-            "seconds_per_step": seconds,
-            "generation_seconds": generation_seconds,
-            "tokens_per_second": float(rollout.prompt_mask.sum() + lengths.sum()) / seconds,
-            "prompts_truncated": num_truncated,
-            "reward_failures": scores.num_failed,
-        }
-        if reference is not None:
-            metrics["kl"] = sums["kl"] / trained_tokens
-        for j, name in enumerate(reward_names):
-            column = scores.per_function[:, j]
-            metrics[f"reward/{name}/mean"] = float(column.nanmean())
-            metrics[f"reward/{name}/std"] = float(_nanstd(column))
-        if config.eval_every and step % config.eval_every == 0 and step < config.steps:
-            metrics.update(run_eval())
-            history.append((step, headline(metrics)))
-        logger.log(step, metrics)
-        progress.set_postfix(reward=f"{metrics['reward/mean']:.3f}", acc=f"{history[-1][1]:.3f}")
-        if config.save_every and step % config.save_every == 0:
-            save_pretrained_atomic(policy, tokenizer, out / "checkpoints" / f"step-{step}")
+            # pi_old log-probs are needed only once the policy moves before the last update; with one
+            # update per rollout, pi_old = pi_theta.detach() and no extra forward pass is spent.
+            with torch.no_grad():
+                old_logp = _logprobs_in_chunks(policy, batch, config.sampling.temperature, minibatch) if off_policy else None
+                ref_logp = (_logprobs_in_chunks(reference, batch, config.sampling.temperature, minibatch)
+                            if reference is not None else None)
+
+            # 5. mu optimisation passes over minibatches.
+            policy.train()
+            sums = {"loss": 0.0, "clip": 0.0, "kl": 0.0, "entropy": 0.0, "tokens": 0.0, "grad_norm": 0.0, "updates": 0}
+            for _ in range(config.num_iterations):
+                for mb_start in range(0, n, minibatch):
+                    mb_rows = torch.arange(mb_start, mb_start + minibatch, device=device)
+                    mb_sequences = minibatch
+                    mb_tokens = float(completion_mask[mb_rows].sum())
+                    optimizer.zero_grad(set_to_none=True)
+                    loss_value = 0.0
+                    for micro_rows in mb_rows.chunk(config.grad_accum_steps):
+                        if reference is None:
+                            # Zero-advantage answers add nothing to the gradient when there is no KL term:
+                            # skip their forward/backward. The normaliser keeps the whole minibatch's counts.
+                            micro_rows = micro_rows[advantages[micro_rows] != 0]
+                            if micro_rows.numel() == 0:
+                                continue
+                        ids_p, mask_p, ids_c, mask_c = trim_padding(*(t[micro_rows] for t in batch))
+                        logp, entropy = completion_logprobs(policy, ids_p, mask_p, ids_c, mask_c,
+                                                            config.sampling.temperature, with_entropy=True)
+                        width = ids_c.size(1)
+                        old = old_logp[micro_rows, :width] if old_logp is not None else logp.detach()
+                        per_token, clipped = clipped_surrogate(logp, old, advantages[micro_rows],
+                                                               config.eps_low, config.eps_high)
+                        if reference is not None:
+                            kl = kl_k3(logp, ref_logp[micro_rows, :width])
+                            per_token = per_token + config.beta * kl
+                            sums["kl"] += float((kl.detach() * mask_c).sum())
+                        loss = aggregate_loss(per_token, mask_c, config.loss_aggregation, num_sequences=mb_sequences,
+                                              num_tokens=mb_tokens, constant=config.sampling.max_new_tokens)
+                        loss.backward()
+                        loss_value += float(loss.detach())
+                        sums["clip"] += float((clipped.float() * mask_c).sum())
+                        sums["entropy"] += float((entropy * mask_c).sum())
+                        sums["tokens"] += float(mask_c.sum())
+                    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    sums["loss"] += loss_value
+                    sums["grad_norm"] += float(grad_norm)
+                    sums["updates"] += 1
+
+            # --- Metrics, evaluation, checkpoints. ---
+            seconds = time.perf_counter() - step_start
+            lengths = rollout.lengths.float()
+            trained_tokens = max(sums["tokens"], 1.0)
+            metrics = {
+                "reward/mean": float(rewards.nanmean()),
+                "reward/std": float(_nanstd(rewards)),
+                "frac_reward_zero_std": zero_std_group_fraction(rewards, G),
+                "loss": sums["loss"] / sums["updates"],
+                "clip_fraction": sums["clip"] / trained_tokens,
+                "entropy": sums["entropy"] / trained_tokens,
+                "completion_length": float(lengths.mean()),
+                "frac_finished": float(rollout.finished.float().mean()),
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": sums["grad_norm"] / sums["updates"],
+                "seconds_per_step": seconds,
+                "generation_seconds": generation_seconds,
+                "tokens_per_second": float(rollout.prompt_mask.sum() + lengths.sum()) / seconds,
+                "prompts_truncated": num_truncated,
+                "reward_failures": scores.num_failed,
+            }
+            if reference is not None:
+                metrics["kl"] = sums["kl"] / trained_tokens
+            for j, name in enumerate(reward_names):
+                column = scores.per_function[:, j]
+                metrics[f"reward/{name}/mean"] = float(column.nanmean())
+                metrics[f"reward/{name}/std"] = float(_nanstd(column))
+            if config.eval_every and step % config.eval_every == 0 and step < config.steps:
+                metrics.update(run_eval())
+                history.append((step, headline(metrics)))
+            logger.log(step, metrics)
+            progress.set_postfix(reward=f"{metrics['reward/mean']:.3f}", acc=f"{history[-1][1]:.3f}")
+            if (config.save_every and step % config.save_every == 0) or stop.requested:
+                saved = save_training_checkpoint(checkpoint_root, step, policy, tokenizer, training_state(),
+                                                 logger.path, keep_last=config.keep_last)
+                if stop.requested:
+                    logger.close()
+                    raise TrainingInterrupted(stop.requested, saved)
 
     after = run_eval()
     logger.log(config.steps, after)
@@ -293,7 +347,7 @@ def run_grpo(config: GRPOConfig) -> dict:
         "eval_before": before,
         "eval_after": after,
         "eval_history": history,
-        "seconds": time.perf_counter() - start_time,
+        "seconds": elapsed_earlier + time.perf_counter() - start_time,
         "model_dir": str(out / "final"),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

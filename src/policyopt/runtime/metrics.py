@@ -19,7 +19,8 @@ def _clean(value: Any) -> Any:
 class MetricsLogger:
     """Append-only metrics log. Each record is flushed at once, so a crash loses nothing written."""
 
-    def __init__(self, output_dir: str | Path, tensorboard: bool = True, filename: str = "metrics.jsonl"):
+    def __init__(self, output_dir: str | Path, tensorboard: bool = True, filename: str = "metrics.jsonl",
+                 purge_step: int | None = None):
         self.path = Path(output_dir) / filename
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = self.path.open("a")
@@ -28,7 +29,8 @@ class MetricsLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._writer = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+                # purge_step drops events a killed run wrote after the checkpoint it resumes from
+                self._writer = SummaryWriter(str(Path(output_dir) / "tensorboard"), purge_step=purge_step)
             except ImportError:  # tensorboard is a dependency, but never let logging kill a run
                 self._writer = None
 

@@ -23,6 +23,8 @@ def plot_run(metrics_path: str | Path, png_path: str | Path, title: str = "",
     """Two panels: ``train_key`` per step, and ``eval_key`` at each evaluation, with optional
     horizontal reference lines (e.g. a control run's final accuracy)."""
     records = read_metrics(metrics_path)
+    if not any(r.get(eval_key) is not None for r in records):
+        eval_key = "eval/reward"  # runs without the accuracy reward: plot their mean held-out reward
     fig, (ax_train, ax_eval) = plt.subplots(1, 2, figsize=(10, 3.8))
     steps, values = _series(records, train_key)
     ax_train.plot(steps, values, color="tab:blue")
@@ -39,7 +41,7 @@ def plot_run(metrics_path: str | Path, png_path: str | Path, title: str = "",
         ax_eval.legend(loc="lower right", fontsize=8)
     ax_eval.set_xlabel("step")
     ax_eval.set_ylabel(eval_key)
-    ax_eval.set_title("held-out accuracy (greedy)")
+    ax_eval.set_title(f"held-out {eval_key.split('/')[-1]} (greedy)")
     ax_eval.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
