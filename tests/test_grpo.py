@@ -93,3 +93,30 @@ def test_grpo_cli_on_a_user_dataset_and_reward(tmp_path, reward_file):
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 3 and (out / "final" / "config.json").exists()
+
+
+def test_non_finite_updates_are_skipped_then_stop_the_run(tmp_path, reward_file, monkeypatch):
+    import policyopt.recipes.grpo as grpo_module
+    from policyopt.runtime.checkpoint import list_checkpoints
+    from policyopt.runtime.optim import NonFiniteUpdates
+
+    real = grpo_module.aggregate_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):  # finite for the first two optimizer steps, NaN afterwards
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] > 2 else loss
+
+    monkeypatch.setattr(grpo_module, "aggregate_loss", poisoned)
+    cfg = _config(tmp_path, reward_file, steps=10, eval_every=0, save_every=1, tensorboard=False,
+                  max_bad_updates_in_a_row=3)
+    with pytest.raises(NonFiniteUpdates, match="3 optimizer updates in a row"):
+        run_grpo(cfg)
+    out = tmp_path / "run"
+    records = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert [r["skipped_updates"] for r in records] == [0, 0, 1, 1]
+    # the weights never took a NaN: the newest checkpoint loads and is finite
+    newest = list_checkpoints(out / "checkpoints")[-1]
+    model = AutoModelForCausalLM.from_pretrained(newest)
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -15,6 +15,7 @@ from .data.loading import DataError
 from .models.loading import ModelLoadError
 from .rewards.combine import RewardError
 from .runtime.config import ConfigError, load_config
+from .runtime.optim import NonFiniteUpdates
 from .runtime.signals import TrainingInterrupted
 
 USER_ERRORS = (ConfigError, DataError, ModelLoadError, RewardError)
@@ -69,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as exc:
         print(f"policyopt {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except NonFiniteUpdates as exc:
+        print(f"policyopt {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except TrainingInterrupted as exc:
         print(f"policyopt {args.command}: {exc}; continue with --resume", file=sys.stderr)
         return 128 + exc.signum

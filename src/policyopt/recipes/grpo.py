@@ -55,7 +55,7 @@ from ..runtime.checkpoint import (
 )
 from ..runtime.config import ConfigError, save_config
 from ..runtime.metrics import MetricsLogger
-from ..runtime.optim import build_optimizer, build_scheduler, check_optim
+from ..runtime.optim import NonFiniteUpdates, apply_update, build_optimizer, build_scheduler, check_optim
 from ..runtime.plots import plot_run
 from ..runtime.seeding import set_seed
 from ..runtime.signals import StopRequests, TrainingInterrupted
@@ -74,6 +74,7 @@ class GRPOConfig:
         default_factory=lambda: [RewardSpec("accuracy", 1.0), RewardSpec("format", 0.1)]
     )
     reward_on_error: str = "raise"  # raise: stop the run; skip: score the sample as missing and count it
+    max_bad_updates_in_a_row: int = 5  # non-finite loss/gradient updates are skipped; this many in a row stop the run
 
     # batch geometry: each step samples prompts_per_step * group_size answers (the rollout batch)
     steps: int = 60
@@ -211,6 +212,7 @@ def run_grpo(config: GRPOConfig) -> dict:
         log.info("resumed from %s at step %d", resume_from, first_step)
 
     stop = StopRequests()
+    bad_in_a_row = 0
     progress = tqdm(range(first_step, config.steps + 1), desc="grpo", dynamic_ncols=True, disable=None,
                     initial=first_step - 1, total=config.steps)
     with stop:
@@ -254,13 +256,13 @@ def run_grpo(config: GRPOConfig) -> dict:
 
             # 5. mu optimisation passes over minibatches.
             policy.train()
-            sums = {"loss": 0.0, "clip": 0.0, "kl": 0.0, "entropy": 0.0, "tokens": 0.0, "grad_norm": 0.0, "updates": 0}
+            sums = {"loss": 0.0, "clip": 0.0, "kl": 0.0, "entropy": 0.0, "tokens": 0.0, "grad_norm": 0.0,
+                    "updates": 0, "skipped": 0}
             for _ in range(config.num_iterations):
                 for mb_start in range(0, n, minibatch):
                     mb_rows = torch.arange(mb_start, mb_start + minibatch, device=device)
                     mb_sequences = minibatch
                     mb_tokens = float(completion_mask[mb_rows].sum())
-                    optimizer.zero_grad(set_to_none=True)
                     loss_value = 0.0
                     for micro_rows in mb_rows.chunk(config.grad_accum_steps):
                         if reference is None:
@@ -287,12 +289,20 @@ def run_grpo(config: GRPOConfig) -> dict:
                         sums["clip"] += float((clipped.float() * mask_c).sum())
                         sums["entropy"] += float((entropy * mask_c).sum())
                         sums["tokens"] += float(mask_c.sum())
-                    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
-                    optimizer.step()
-                    scheduler.step()
-                    sums["loss"] += loss_value
-                    sums["grad_norm"] += float(grad_norm)
+                    grad_norm, applied = apply_update(policy, optimizer, scheduler, loss_value, config.max_grad_norm)
                     sums["updates"] += 1
+                    if not applied:
+                        # skipped: the weights keep their last good values; too many in a row stops the run
+                        sums["skipped"] += 1
+                        bad_in_a_row += 1
+                        if bad_in_a_row >= config.max_bad_updates_in_a_row:
+                            raise NonFiniteUpdates(
+                                f"step {step}: {bad_in_a_row} optimizer updates in a row had a non-finite loss or "
+                                f"gradient; stopping. The last good checkpoint is intact in {checkpoint_root}")
+                        continue
+                    bad_in_a_row = 0
+                    sums["loss"] += loss_value
+                    sums["grad_norm"] += grad_norm
 
             # --- Metrics, evaluation, checkpoints. ---
             seconds = time.perf_counter() - step_start
@@ -302,13 +312,14 @@ def run_grpo(config: GRPOConfig) -> dict:
                 "reward/mean": float(rewards.nanmean()),
                 "reward/std": float(_nanstd(rewards)),
                 "frac_reward_zero_std": zero_std_group_fraction(rewards, G),
-                "loss": sums["loss"] / sums["updates"],
+                "loss": sums["loss"] / max(sums["updates"] - sums["skipped"], 1),
                 "clip_fraction": sums["clip"] / trained_tokens,
                 "entropy": sums["entropy"] / trained_tokens,
                 "completion_length": float(lengths.mean()),
                 "frac_finished": float(rollout.finished.float().mean()),
                 "lr": scheduler.get_last_lr()[0],
-                "grad_norm": sums["grad_norm"] / sums["updates"],
+                "grad_norm": sums["grad_norm"] / max(sums["updates"] - sums["skipped"], 1),
+                "skipped_updates": sums["skipped"],
                 "seconds_per_step": seconds,
                 "generation_seconds": generation_seconds,
                 "tokens_per_second": float(rollout.prompt_mask.sum() + lengths.sum()) / seconds,

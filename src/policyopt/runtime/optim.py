@@ -35,3 +35,23 @@ def check_optim(prefix: str, lr: float, warmup_steps: int, weight_decay: float, 
         raise ValueError(f"{prefix}weight_decay must be >= 0, got {weight_decay}")
     if not max_grad_norm > 0:
         raise ValueError(f"{prefix}max_grad_norm must be > 0, got {max_grad_norm}")
+
+
+class NonFiniteUpdates(RuntimeError):
+    """Too many optimizer updates in a row had a NaN/inf loss or gradient."""
+
+
+def apply_update(model: torch.nn.Module, optimizer, scheduler, loss_value: float, max_grad_norm: float):
+    """Clip gradients and step, unless the loss or gradient norm is not finite.
+
+    A non-finite update is skipped (gradients dropped, weights and optimizer moments untouched), so
+    one bad batch cannot poison the run. The scheduler still advances, keeping the schedule aligned
+    with the step count. Returns (grad_norm, applied).
+    """
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    applied = bool(torch.isfinite(grad_norm)) and torch.isfinite(torch.tensor(loss_value)).item()
+    if applied:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    return float(grad_norm), applied
