@@ -70,4 +70,11 @@ def format_reward(prompts, completions, **kwargs) -> list[float]:
     return rewards
 
 
-BUILTIN_REWARDS = {"accuracy": accuracy_reward, "format": format_reward}
+def _code_reward(prompts, completions, tests, **kwargs):
+    """Built-in ``code``: run the completion's Python against the row's ``tests`` column in the sandbox."""
+    from .sandbox import code_reward  # imported on use: most runs never execute code
+
+    return code_reward(prompts, completions, tests, **kwargs)
+
+
+BUILTIN_REWARDS = {"accuracy": accuracy_reward, "format": format_reward, "code": _code_reward}
