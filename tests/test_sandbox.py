@@ -5,6 +5,7 @@ import socket
 import subprocess
 import threading
 import time
+import uuid
 
 import pytest
 
@@ -72,9 +73,10 @@ def test_cannot_write_outside_its_directory(mode, tmp_path):
     _fails_fast(f"open({str(target)!r}, 'w').write('x')")
     _fails_fast(f"import os\nos.remove({str(victim)!r})")
     _fails_fast(f"import shutil\nshutil.rmtree({str(tmp_path)!r})")
-    _fails_fast("open('/tmp/policyopt-pwned', 'w').write('x')")
+    shared_tmp = f"/tmp/policyopt-pwned-{uuid.uuid4().hex}"  # world-writable, so only the guards stop it
+    _fails_fast(f"open({shared_tmp!r}, 'w').write('x')")
     assert not target.exists() and victim.read_text() == "keep me"
-    assert not os.path.exists("/tmp/policyopt-pwned")
+    assert not os.path.exists(shared_tmp)
     # its own working directory is fine
     assert run_python("open('scratch.txt', 'w').write('ok')\nassert open('scratch.txt').read() == 'ok'", "",
                       FAST).passed

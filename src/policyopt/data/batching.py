@@ -11,14 +11,22 @@ import torch
 from .loading import format_prompt
 
 
+def _prompt_ids(tokenizer, prompt) -> list[int]:
+    text = format_prompt(tokenizer, prompt)
+    # chat templates already carry their special tokens; plain text gets the tokenizer's own
+    return tokenizer(text, add_special_tokens=isinstance(prompt, str))["input_ids"]
+
+
+def prompt_length(tokenizer, prompt) -> int:
+    return len(_prompt_ids(tokenizer, prompt))
+
+
 def encode_prompts(tokenizer, prompts: list, max_prompt_tokens: int, device: torch.device | str = "cpu"):
     """Tokenize prompts (text or chat messages). Over-long prompts keep their last ``max_prompt_tokens``
     tokens, the part nearest the answer. Returns (ids [B, P], mask [B, P], number truncated)."""
     rows, truncated = [], 0
     for prompt in prompts:
-        text = format_prompt(tokenizer, prompt)
-        # chat templates already carry their special tokens; plain text gets the tokenizer's own
-        ids = tokenizer(text, add_special_tokens=isinstance(prompt, str))["input_ids"]
+        ids = _prompt_ids(tokenizer, prompt)
         if len(ids) > max_prompt_tokens:
             ids = ids[-max_prompt_tokens:]
             truncated += 1

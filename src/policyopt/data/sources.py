@@ -25,6 +25,7 @@ class DataConfig:
     task: ArithmeticTask = field(default_factory=ArithmeticTask)
     eval_size: int = 200
     max_prompt_tokens: int = 256
+    long_prompts: str = "truncate"  # prompts over max_prompt_tokens: truncate (keep the end), skip, or error
     num_demonstrations: int = 300  # SFT on the built-in task: how many worked examples
 
     def validate(self) -> None:
@@ -33,6 +34,8 @@ class DataConfig:
             raise ValueError(f"data.eval_size must be >= 0, got {self.eval_size}")
         if self.max_prompt_tokens < 1:
             raise ValueError(f"data.max_prompt_tokens must be >= 1, got {self.max_prompt_tokens}")
+        if self.long_prompts not in ("truncate", "skip", "error"):
+            raise ValueError(f"data.long_prompts must be truncate, skip or error; got {self.long_prompts!r}")
         if self.num_demonstrations < 1:
             raise ValueError(f"data.num_demonstrations must be >= 1, got {self.num_demonstrations}")
 
@@ -84,6 +87,14 @@ class PromptSource:
                 self.epoch, self.position, self._order = self.epoch + 1, 0, None
         return batch
 
+    def drop_long_prompts(self, tokenizer) -> int:
+        """Apply ``data.long_prompts`` to the training rows; return how many were skipped."""
+        self.train_rows, skipped = filter_long_prompts(self.train_rows, tokenizer, self.config)
+        if not self.builtin and not self.train_rows:
+            raise DataError(f"{self.config.path}: every training row is longer than data.max_prompt_tokens="
+                            f"{self.config.max_prompt_tokens}")
+        return skipped
+
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position}
 
@@ -109,3 +120,23 @@ def _require(rows: list[dict], column: str, path: str) -> None:
             value = value[-1].get("content")
         if not isinstance(value, str) or not value:
             raise DataError(f"{path}: row {i + 1} has no usable {column!r} column (got {row.get(column)!r})")
+
+
+def filter_long_prompts(rows: list[dict], tokenizer, config: DataConfig) -> tuple[list[dict], int]:
+    """Keep rows whose prompt fits ``max_prompt_tokens`` (skip), or name the first that does not (error).
+    With ``truncate`` every row is kept and the prompt is cut when it is encoded."""
+    if config.long_prompts == "truncate" or not rows:
+        return rows, 0
+    from .batching import prompt_length  # tokenizer-dependent; imported here to keep this module light
+
+    kept = []
+    for i, row in enumerate(rows):
+        length = prompt_length(tokenizer, row["prompt"])
+        if length <= config.max_prompt_tokens:
+            kept.append(row)
+        elif config.long_prompts == "error":
+            where = config.path or "built-in task"
+            raise DataError(f"{where}: row {row.get('_row', i + 1)} has a {length}-token prompt, over "
+                            f"data.max_prompt_tokens={config.max_prompt_tokens} (set data.long_prompts=truncate "
+                            "or skip)")
+    return kept, len(rows) - len(kept)

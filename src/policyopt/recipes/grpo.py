@@ -170,6 +170,10 @@ def run_grpo(config: GRPOConfig) -> dict:
         # the tiny model this run built at its start, not a new one
         model_config = dataclasses.replace(model_config, name_or_path=str(out / "initial"))
     policy, tokenizer, device = load_or_build(model_config, texts, config.seed, save_dir=out / "initial")
+    skipped_prompts = source.drop_long_prompts(tokenizer)
+    if skipped_prompts:
+        log.warning("skipped %d training prompts longer than data.max_prompt_tokens=%d",
+                    skipped_prompts, config.data.max_prompt_tokens)
     reference = frozen_copy(policy) if config.beta > 0 else None
     reward_functions = [spec.load() for spec in config.rewards]
     reward_names = [name for name, _, _ in reward_functions]
@@ -358,6 +362,7 @@ def run_grpo(config: GRPOConfig) -> dict:
         "eval_before": before,
         "eval_after": after,
         "eval_history": history,
+        "prompts_skipped_too_long": skipped_prompts,
         "seconds": elapsed_earlier + time.perf_counter() - start_time,
         "model_dir": str(out / "final"),
     }
