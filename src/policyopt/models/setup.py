@@ -42,8 +42,8 @@ def load_or_build(config: ModelConfig, texts: list[str], seed: int, save_dir: st
             model.save_pretrained(save_dir)
             tokenizer.save_pretrained(save_dir)
     else:
-        tokenizer = load_tokenizer(config.tokenizer or config.name_or_path)
         model = load_causal_lm(config.name_or_path, dtype, device)
+        tokenizer = load_tokenizer(config.tokenizer or config.name_or_path)
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer, device
