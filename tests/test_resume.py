@@ -79,7 +79,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(setup, uninterrupted, die
 
     resumed = _run(out, data, reward, resume=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert f"resumed from" in resumed.stderr
+    assert "resumed from" in resumed.stderr
     assert _comparable(out / "metrics.jsonl") == uninterrupted
 
 

@@ -57,7 +57,8 @@ def load_tokenizer(name_or_path: str):
                 f"tokenizer {name_or_path!r} has neither a pad nor an EOS token; add one with "
                 "tokenizer.add_special_tokens({'pad_token': ...}) and save it again"
             )
-        log.warning("tokenizer %s has no pad token; using its EOS token %r for padding", name_or_path, tokenizer.eos_token)
+        log.warning("tokenizer %s has no pad token; using its EOS token %r for padding",
+                    name_or_path, tokenizer.eos_token)
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     return tokenizer

@@ -65,7 +65,8 @@ def run_demo(config: DemoConfig) -> dict:
     sft = copy.deepcopy(config.sft)
     sft.output_dir, sft.seed = str(out / "sft"), config.seed
     sft.model.name_or_path, sft.model.tiny = None, config.tiny
-    sft.data.task, sft.data.eval_size, sft.data.num_demonstrations = config.task, config.eval_size, config.num_demonstrations
+    sft.data.task, sft.data.eval_size = config.task, config.eval_size
+    sft.data.num_demonstrations = config.num_demonstrations
     sft.max_new_tokens = config.grpo.sampling.max_new_tokens
     sft_summary = run_sft(sft)
     sft_model_dir = sft_summary["model_dir"]

@@ -254,7 +254,8 @@ def run_grpo(config: GRPOConfig) -> dict:
             # pi_old log-probs are needed only once the policy moves before the last update; with one
             # update per rollout, pi_old = pi_theta.detach() and no extra forward pass is spent.
             with torch.no_grad():
-                old_logp = _logprobs_in_chunks(policy, batch, config.sampling.temperature, minibatch) if off_policy else None
+                old_logp = (_logprobs_in_chunks(policy, batch, config.sampling.temperature, minibatch)
+                            if off_policy else None)
                 ref_logp = (_logprobs_in_chunks(reference, batch, config.sampling.temperature, minibatch)
                             if reference is not None else None)
 

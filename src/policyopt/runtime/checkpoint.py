@@ -116,5 +116,6 @@ def resolve_resume(resume: str | None, checkpoint_root: str | Path) -> Path | No
     if not (path / STATE_FILE).exists():
         from .config import ConfigError
 
-        raise ConfigError(f"resume={resume!r}: no {STATE_FILE} there; use resume=auto or a checkpoints/step-* directory")
+        raise ConfigError(f"resume={resume!r}: no {STATE_FILE} there; "
+                          "use resume=auto or a checkpoints/step-* directory")
     return path
