@@ -39,7 +39,7 @@ from ..data.batching import decode_completions, encode_prompts
 from ..data.loading import prompt_text
 from ..data.sources import DataConfig, PromptSource
 from ..evaluation import evaluate, headline
-from ..models.forward import completion_logprobs, trim_padding
+from ..models.forward import grouped_logprobs
 from ..models.loading import frozen_copy, load_causal_lm
 from ..models.setup import ModelConfig, describe, load_or_build
 from ..rewards.combine import RewardSpec, score_completions
@@ -91,6 +91,9 @@ class GRPOConfig:
     scale_rewards: bool = True  # divide by the group std (False: Dr. GRPO's mean-only baseline)
     advantage_eps: float = 1e-4
     loss_aggregation: str = "seq_mean_token_mean"  # or token_mean (DAPO), seq_sum_constant (Dr. GRPO)
+    # run each prompt once per group in training and share its KV cache among the G answers (same
+    # gradient, fewer tokens); turn off for a model whose forward takes no KV cache
+    share_prompt: bool = True
 
     # optimizer (steps counted in optimizer steps)
     lr: float = 5e-4
@@ -243,21 +246,21 @@ def run_grpo(config: GRPOConfig) -> dict:
             # 4. Group-relative advantages, one per answer, broadcast over its tokens.
             advantages = group_advantages(rewards, G, scale=config.scale_rewards, eps=config.advantage_eps)  # [N]
 
-            # Padding columns shared by every row cost compute and change nothing: drop them.
-            prompt_ids, prompt_mask, completion_ids, completion_mask = trim_padding(
-                rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask)
-            batch = (prompt_ids, prompt_mask, completion_ids, completion_mask)
+            completion_ids, completion_mask = rollout.completion_ids, rollout.completion_mask  # [N, T]
             n = completion_ids.size(0)
             minibatch = config.minibatch_size or n
             off_policy = config.num_iterations > 1 or minibatch < n
 
+            def logprobs(model, rows, with_entropy=False):
+                # log pi(o_t | q, o_<t) for answer `rows`: [len(rows), T'], each prompt run once per group
+                return grouped_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, rows, G,
+                                        config.sampling.temperature, with_entropy, config.share_prompt)
+
             # pi_old log-probs are needed only once the policy moves before the last update; with one
             # update per rollout, pi_old = pi_theta.detach() and no extra forward pass is spent.
             with torch.no_grad():
-                old_logp = (_logprobs_in_chunks(policy, batch, config.sampling.temperature, minibatch)
-                            if off_policy else None)
-                ref_logp = (_logprobs_in_chunks(reference, batch, config.sampling.temperature, minibatch)
-                            if reference is not None else None)
+                old_logp = _logprobs_in_chunks(logprobs, policy, n, minibatch) if off_policy else None
+                ref_logp = _logprobs_in_chunks(logprobs, reference, n, minibatch) if reference is not None else None
 
             # 5. mu optimisation passes over minibatches.
             policy.train()
@@ -276,10 +279,9 @@ def run_grpo(config: GRPOConfig) -> dict:
                             micro_rows = micro_rows[advantages[micro_rows] != 0]
                             if micro_rows.numel() == 0:
                                 continue
-                        ids_p, mask_p, ids_c, mask_c = trim_padding(*(t[micro_rows] for t in batch))
-                        logp, entropy = completion_logprobs(policy, ids_p, mask_p, ids_c, mask_c,
-                                                            config.sampling.temperature, with_entropy=True)
-                        width = ids_c.size(1)
+                        logp, entropy = logprobs(policy, micro_rows, with_entropy=True)
+                        width = logp.size(1)
+                        mask_c = completion_mask[micro_rows, :width]
                         old = old_logp[micro_rows, :width] if old_logp is not None else logp.detach()
                         per_token, clipped = clipped_surrogate(logp, old, advantages[micro_rows],
                                                                config.eps_low, config.eps_high)
@@ -371,16 +373,11 @@ def run_grpo(config: GRPOConfig) -> dict:
     return summary
 
 
-def _logprobs_in_chunks(model, batch, temperature: float, chunk: int) -> torch.Tensor:
-    """log-probs of every completion token, [N, T], computed ``chunk`` rows at a time (no grad)."""
-    prompt_ids, prompt_mask, completion_ids, completion_mask = batch
-    out = torch.zeros(completion_ids.shape, dtype=torch.float32, device=completion_ids.device)
-    for start in range(0, completion_ids.size(0), chunk):
-        rows = slice(start, start + chunk)
-        logp, _ = completion_logprobs(model, prompt_ids[rows], prompt_mask[rows], completion_ids[rows],
-                                      completion_mask[rows], temperature)
-        out[rows] = logp
-    return out
+def _logprobs_in_chunks(logprobs, model, n: int, chunk: int) -> torch.Tensor:
+    """log-probs of every completion token of ``model``, [N, T'], ``chunk`` rows at a time (no grad)."""
+    parts = [logprobs(model, torch.arange(start, min(start + chunk, n)))[0] for start in range(0, n, chunk)]
+    width = max(p.size(1) for p in parts)
+    return torch.cat([torch.nn.functional.pad(p, (0, width - p.size(1))) for p in parts])
 
 
 def _nanstd(values: torch.Tensor) -> float:
