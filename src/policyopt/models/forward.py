@@ -14,6 +14,19 @@ def trim_padding(prompt_ids, prompt_mask, completion_ids, completion_mask):
     return (*_trim_left(prompt_ids, prompt_mask), *_trim_right(completion_ids, completion_mask))
 
 
+def _token_logprobs(logits, tokens, temperature: float, with_entropy: bool):
+    """(log-probabilities of ``tokens`` under logits / temperature, per-token entropy or None)."""
+    logits = logits.float()
+    if temperature > 0:
+        logits = logits / temperature
+    logp = selective_log_softmax(logits, tokens)
+    if not with_entropy:
+        return logp, None
+    with torch.no_grad():
+        entropy = token_entropy(logits)
+    return logp, entropy
+
+
 def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask,
                         temperature: float = 1.0, with_entropy: bool = False):
     """log pi(o_t | q, o_<t) for every completion token: [N, T]; optionally the per-token entropy [N, T].
@@ -32,15 +45,7 @@ def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completi
         position_ids=position_ids,
         logits_to_keep=completion_len + 1,
     ).logits[:, :-1]  # position t predicts completion token t
-    logits = logits.float()
-    if temperature > 0:
-        logits = logits / temperature
-    logp = selective_log_softmax(logits, completion_ids)
-    if not with_entropy:
-        return logp, None
-    with torch.no_grad():
-        entropy = token_entropy(logits)
-    return logp, entropy
+    return _token_logprobs(logits, completion_ids, temperature, with_entropy)
 
 
 def _trim_left(ids, mask):
@@ -77,15 +82,7 @@ def shared_prompt_logprobs(model, prompt_ids, prompt_mask, row_prompt, completio
         rest = model(input_ids=inputs, attention_mask=attention_mask, position_ids=position_ids,
                      use_cache=True, **{cache_kw: cache}).logits
         logits = torch.cat([logits, rest], dim=1)  # [M, T, V]
-    logits = logits.float()
-    if temperature > 0:
-        logits = logits / temperature
-    logp = selective_log_softmax(logits, completion_ids)
-    if not with_entropy:
-        return logp, None
-    with torch.no_grad():
-        entropy = token_entropy(logits)
-    return logp, entropy
+    return _token_logprobs(logits, completion_ids, temperature, with_entropy)
 
 
 def grouped_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, rows, group_size: int,
