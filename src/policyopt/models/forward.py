@@ -92,6 +92,7 @@ def grouped_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_
     prompt_ids/mask: [B, P] one row per prompt; completion_ids/mask: [B * G, T], group-contiguous.
     Returns tensors [len(rows), T'] where T' is the longest of the selected completions.
     """
+    rows = rows.to(completion_ids.device)
     groups = torch.div(rows, group_size, rounding_mode="floor")
     completion_ids, completion_mask = _trim_right(completion_ids[rows], completion_mask[rows])
     if share_prompt:
