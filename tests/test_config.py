@@ -65,3 +65,13 @@ def test_cli_reports_user_errors_without_traceback(capsys, tmp_path):
     assert "error: group_size must be >= 2" in err and "Traceback" not in err
     assert main(["grpo", "--output-dir", str(tmp_path), "model.name_or_path=./missing/model", "steps=1"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_overriding_one_key_of_a_section_keeps_that_sections_other_defaults():
+    demo_default = DemoConfig().grpo
+    cfg = load_config(DemoConfig, None, ["grpo.steps=7", "grpo.sampling.top_k=5"])
+    assert cfg.grpo.steps == 7 and cfg.grpo.sampling.top_k == 5
+    # the demo's own grpo defaults survive, not policyopt grpo's
+    assert cfg.grpo.sampling.temperature == demo_default.sampling.temperature != GRPOConfig().sampling.temperature
+    assert cfg.grpo.lr == demo_default.lr and cfg.grpo.eval_every == demo_default.eval_every
+    assert cfg.task == DemoConfig().task

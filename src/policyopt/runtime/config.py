@@ -27,7 +27,7 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
+def _coerce(value: Any, tp: Any, key: str, base: Any = None) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(tp)
@@ -38,7 +38,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             if option is type(None):
                 continue
             try:
-                return _coerce(value, option, key)
+                return _coerce(value, option, key, base)
             except ConfigError as exc:
                 errors.append(str(exc))
         raise ConfigError(errors[0] if errors else f"{key}: cannot be null")
@@ -52,7 +52,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         if not isinstance(value, dict):
             raise ConfigError(f"{key} must be a mapping of {_type_name(tp)} fields, got {value!r}")
-        return _build(tp, value, prefix=f"{key}.")
+        return _build(tp, value, prefix=f"{key}.", base=base)
     if tp is Any:
         return value
     if tp is bool:
@@ -81,9 +81,20 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
-def _build(cls: type[T], data: dict, prefix: str = "") -> T:
+def _build(cls: type[T], data: dict, prefix: str = "", base: Any = None) -> T:
+    """``cls`` with the keys in ``data`` set on top of ``base`` (or the class defaults).
+
+    Starting from ``base`` matters for nested sections: a recipe may give a section defaults of its
+    own (the demo's ``grpo`` section differs from ``policyopt grpo``), and overriding one key of it
+    must keep the others.
+    """
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    if not isinstance(base, cls):
+        try:
+            base = cls()
+        except TypeError:  # required fields (e.g. a reward's function): no defaults to start from
+            base = None
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
@@ -92,8 +103,11 @@ def _build(cls: type[T], data: dict, prefix: str = "") -> T:
             raise ConfigError(
                 f"unknown config key {prefix}{key}{hint}; valid keys here: {', '.join(sorted(fields))}"
             )
-        kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}")
-    return cls(**kwargs)
+        kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}", base=getattr(base, key, None))
+    try:
+        return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {exc}") from None
 
 
 def _set_dotted(data: dict, dotted: str, value: Any) -> None:
