@@ -24,12 +24,19 @@ USER_ERRORS = (ConfigError, DataError, ModelLoadError, RewardError)
 def _recipes():
     from .recipes.demo import DemoConfig, run_demo
     from .recipes.grpo import GRPOConfig, run_grpo
+    from .recipes.pipeline import PipelineConfig, run_pipeline
+    from .recipes.ppo import PPOConfig, run_ppo
+    from .recipes.reward_model import RewardModelConfig, run_reward_model
     from .recipes.sft import SFTConfig, run_sft
 
     return {
         "demo": (DemoConfig, run_demo, "SFT warm start then GRPO on built-in arithmetic, with a tiny local model"),
         "sft": (SFTConfig, run_sft, "supervised fine-tuning on demonstrations (prompt + completion)"),
         "grpo": (GRPOConfig, run_grpo, "GRPO with verifiable reward functions"),
+        "reward": (RewardModelConfig, run_reward_model, "train a Bradley-Terry reward model on pairs or rankings"),
+        "ppo": (PPOConfig, run_ppo, "PPO with a value model, a KL-shaped per-token reward and GAE"),
+        "pipeline": (PipelineConfig, run_pipeline,
+                     "SFT -> reward model -> PPO and GRPO on the built-in task, with a cost report"),
     }
 
 

@@ -19,6 +19,7 @@ from policyopt.rewards.builtin import BUILTIN_REWARDS
 
 logger = logging.getLogger(__name__)
 _module_counter = itertools.count()
+REWARD_MODEL_PREFIX = "rm:"
 
 
 class RewardError(RuntimeError):
@@ -26,9 +27,25 @@ class RewardError(RuntimeError):
 
 
 def load_reward_function(spec: str) -> Callable:
-    """A built-in name ("accuracy", "format") or "path/to/file.py:function_name"."""
+    """A built-in name ("accuracy", "format"), "path/to/file.py:function_name", or "rm:path/to/reward_model".
+
+    "rm:DIR" loads a reward model trained by ``policyopt reward`` as a function of the same shape: it
+    re-tokenises prompt + completion text with its own tokenizer and returns scores normalised with
+    the mean and std stored beside it (``reward_stats.json``).
+    """
     if spec in BUILTIN_REWARDS:
         return BUILTIN_REWARDS[spec]
+    if spec.startswith(REWARD_MODEL_PREFIX):
+        from policyopt.models.loading import ModelLoadError
+        from policyopt.models.reward_model import RewardModelScorer
+
+        path = spec[len(REWARD_MODEL_PREFIX):]
+        if not os.path.isdir(path):
+            raise RewardError(f"reward model {path}: no such directory (expected rm:path/to/reward_model)")
+        try:
+            return RewardModelScorer(path)
+        except ModelLoadError as e:
+            raise RewardError(f"reward model {path}: {e}") from e
     if ":" not in spec:
         raise RewardError(
             f"unknown reward {spec!r}: use a built-in name ({', '.join(BUILTIN_REWARDS)}) "
@@ -82,7 +99,7 @@ class RewardSpec:
 
     def __post_init__(self) -> None:
         if self.name is None:
-            self.name = self.function.rpartition(":")[2]
+            self.name = "rm" if self.function.startswith(REWARD_MODEL_PREFIX) else self.function.rpartition(":")[2]
 
     def load(self) -> tuple[str, Callable, float]:
         """The (name, function, weight) triple that score_completions takes."""

@@ -1,0 +1,277 @@
+"""Preference data for reward models: pairs and rankings read from files, or made by a labeller on the
+built-in arithmetic task.
+
+Two row shapes are accepted (JSONL, JSON, parquet or a saved HF dataset, via ``load_rows``):
+
+    pair:     {"prompt": ..., "chosen": ..., "rejected": ..., "margin": 0.5}     (margin optional)
+    ranking:  {"prompt": ..., "answers": [best, ..., worst]}                       (K >= 2 answers)
+
+Prompts are text or chat messages; answers are text or chat messages (the last message's content).
+Rows are gathered per prompt into a :class:`PreferenceGroup`: the prompt's distinct answers plus the
+pairs (better, worse, margin) between them. A ranking of K answers gives all K(K-1)/2 pairs. The
+reward-model loss is averaged over each group's pairs first, then over groups, so a prompt with
+many answers weighs as much as a prompt with one pair.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .arithmetic import ArithmeticTask, completion_for, make_rows
+from .loading import DataError, completion_text, load_rows
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PreferenceGroup:
+    """One prompt, its distinct answers, and which answer beats which."""
+
+    prompt: str | list[dict]
+    answers: list[str] = field(default_factory=list)
+    pairs: list[tuple[int, int, float]] = field(default_factory=list)  # (better, worse, margin) into answers
+    kinds: list[str] = field(default_factory=list)  # optional label per pair (built-in data: what it contrasts)
+
+    def answer_index(self, text: str) -> int:
+        try:
+            return self.answers.index(text)
+        except ValueError:
+            self.answers.append(text)
+            return len(self.answers) - 1
+
+    def add_pair(self, better: str, worse: str, margin: float = 0.0, kind: str = "") -> None:
+        self.pairs.append((self.answer_index(better), self.answer_index(worse), float(margin)))
+        self.kinds.append(kind)
+
+    def to_row(self) -> dict:
+        """One JSONL row per prompt: its answers and the (better, worse, margin) pairs between them."""
+        return {"prompt": self.prompt, "answers": self.answers,
+                "pairs": [list(p) for p in self.pairs], "kinds": self.kinds}
+
+
+@dataclass
+class PreferenceColumns:
+    """Where each part of a preference row lives."""
+
+    prompt: str = "prompt"
+    chosen: str = "chosen"
+    rejected: str = "rejected"
+    margin: str = "margin"
+    ranking: str = "answers"  # best to worst
+
+
+def _answer(value, where: str, column: str) -> str:
+    if isinstance(value, str) or (isinstance(value, list) and all(isinstance(m, dict) for m in value)):
+        text = completion_text(value)
+        if text:
+            return text
+    raise DataError(f"{where}: {column!r} must be a non-empty string or chat messages, got {value!r:.80}")
+
+
+def _key(prompt) -> str:
+    return json.dumps(prompt, sort_keys=True, ensure_ascii=False)
+
+
+def groups_from_rows(rows: list[dict], columns: PreferenceColumns | None = None, source: str = "rows"
+                     ) -> list[PreferenceGroup]:
+    """Gather pair and ranking rows into one group per distinct prompt (in first-seen order)."""
+    columns = columns or PreferenceColumns()
+    groups: dict[str, PreferenceGroup] = {}
+    skipped = 0
+    for i, row in enumerate(rows):
+        where = f"{source}: row {i + 1}"
+        # a table holding both shapes (parquet, HF datasets) has every column, null where unused
+        row = {k: v for k, v in row.items() if v is not None}
+        group = groups.setdefault(_key(row["prompt"]), PreferenceGroup(row["prompt"]))
+        if "pairs" in row and "answers" in row and columns.ranking == "answers":
+            # the shape this module writes: answers plus explicit (better, worse, margin) pairs
+            answers = [_answer(a, where, "answers") for a in row["answers"]]
+            kinds = row.get("kinds") or [""] * len(row["pairs"])
+            for (better, worse, margin), kind in zip(row["pairs"], kinds):
+                group.add_pair(answers[int(better)], answers[int(worse)], float(margin), kind)
+        elif columns.chosen in row or columns.rejected in row:
+            if columns.chosen not in row or columns.rejected not in row:
+                raise DataError(f"{where}: a pair needs both {columns.chosen!r} and {columns.rejected!r}")
+            chosen = _answer(row[columns.chosen], where, columns.chosen)
+            rejected = _answer(row[columns.rejected], where, columns.rejected)
+            margin = row.get(columns.margin)
+            if margin is not None and not isinstance(margin, (int, float)):
+                raise DataError(f"{where}: {columns.margin!r} must be a number, got {margin!r}")
+            if chosen == rejected:
+                skipped += 1
+                continue
+            group.add_pair(chosen, rejected, float(margin or 0.0))
+        elif columns.ranking in row:
+            ranking = row[columns.ranking]
+            if not isinstance(ranking, list) or len(ranking) < 2:
+                raise DataError(f"{where}: {columns.ranking!r} must list at least 2 answers, best first")
+            answers = [_answer(a, where, columns.ranking) for a in ranking]
+            if len(set(answers)) != len(answers):
+                raise DataError(f"{where}: {columns.ranking!r} holds the same answer twice")
+            for a in range(len(answers)):
+                for b in range(a + 1, len(answers)):
+                    group.add_pair(answers[a], answers[b])
+        else:
+            raise DataError(f"{where}: expected {columns.chosen!r}/{columns.rejected!r} (a pair) or "
+                            f"{columns.ranking!r} (a ranking, best first); columns are {sorted(row)}")
+    if skipped:
+        log.warning("%s: skipped %d pairs whose chosen and rejected answers are identical", source, skipped)
+    result = [g for g in groups.values() if g.pairs]
+    if not result:
+        raise DataError(f"{source} holds no usable preference pairs")
+    return result
+
+
+def load_preference_groups(path: str, columns: PreferenceColumns | None = None) -> list[PreferenceGroup]:
+    """Read a preference dataset (JSONL / JSON / parquet / saved HF dataset) into groups."""
+    columns = columns or PreferenceColumns()
+    return groups_from_rows(load_rows(path, columns.prompt), columns, source=str(path))
+
+
+def split_groups(groups: list[PreferenceGroup], eval_size: int, seed: int
+                 ) -> tuple[list[PreferenceGroup], list[PreferenceGroup]]:
+    """(train, held-out): hold out ``eval_size`` prompts (at most a fifth), never splitting a prompt's pairs."""
+    order = list(range(len(groups)))
+    random.Random(seed).shuffle(order)
+    held = min(eval_size, len(groups) // 5)
+    return [groups[i] for i in order[held:]], [groups[i] for i in order[:held]]
+
+
+def write_groups(groups: list[PreferenceGroup], path: str | Path) -> None:
+    with Path(path).open("w") as f:
+        f.writelines(json.dumps(g.to_row(), ensure_ascii=False) + "\n" for g in groups)
+
+
+def count_pairs(groups: list[PreferenceGroup]) -> int:
+    return sum(len(g.pairs) for g in groups)
+
+
+# ------------------------------------------------------------------ the built-in task's labeller
+
+
+@dataclass
+class BuiltinPreferenceConfig:
+    """Preference data for the built-in arithmetic task, labelled by rule (no human, no download).
+
+    For each prompt: K answers sampled from ``policy`` (an SFT checkpoint; null: none), plus the right
+    answer, a longer right answer (``<answer> 19 </answer>``: still exactly right, so telling it from a
+    wrong one takes the same arithmetic), and ``num_corrupted`` wrong variants of the right answer. The
+    labeller prefers a correct answer to a wrong one, and a shorter correct answer to a longer one;
+    two wrong answers, or two correct ones of equal length, are not compared. Each training pair is
+    flipped with probability ``label_noise``; held-out pairs are never flipped.
+    """
+
+    policy: str | None = None  # a causal LM directory to sample answers from
+    num_prompts: int = 1500  # training prompts
+    eval_prompts: int = 200  # held-out prompts (noise-free)
+    answers_per_prompt: int = 8  # K, sampled from the policy
+    num_corrupted: int = 2  # wrong variants of the right answer per prompt
+    include_long_correct: bool = True  # the right answer with padding inside the tags: correct but longer
+    temperature: float = 1.0
+    max_new_tokens: int = 16
+    label_noise: float = 0.0
+
+    def validate(self) -> None:
+        if self.num_prompts < 1 or self.eval_prompts < 0:
+            raise ValueError("preferences.num_prompts must be >= 1 and eval_prompts >= 0")
+        if self.answers_per_prompt < 0 or self.num_corrupted < 0:
+            raise ValueError("answers_per_prompt and num_corrupted must be >= 0")
+        if not 0 <= self.label_noise < 0.5:
+            raise ValueError(f"label_noise must be in [0, 0.5), got {self.label_noise}")
+        if self.max_new_tokens < 1 or self.temperature <= 0:
+            raise ValueError("max_new_tokens must be >= 1 and temperature > 0")
+
+
+def is_correct(completion: str, answer: str) -> bool:
+    """The labeller's (and the accuracy reward's) notion of a right answer."""
+    from ..rewards.builtin import accuracy_reward
+
+    return accuracy_reward([None], [completion], [answer])[0] == 1.0
+
+
+def corrupt_answer(answer: str, rng: random.Random) -> str:
+    """A wrong answer close to the right one: off by a little, a digit changed, a broken tag, or the
+    right answer followed by stray text (which the exact-answer check also rejects)."""
+    value = int(answer)
+    kind = rng.choice(["offset", "offset", "digit", "tag", "tail"])
+    if kind == "offset":
+        return completion_for(str(value + rng.choice([-3, -2, -1, 1, 2, 3])))
+    if kind == "digit":
+        digits = list(answer.lstrip("-"))
+        i = rng.randrange(len(digits))
+        digits[i] = rng.choice([d for d in "0123456789" if d != digits[i]])
+        changed = ("-" if answer.startswith("-") else "") + "".join(digits)
+        return completion_for(str(int(changed)) if int(changed) != value else str(value + 1))
+    if kind == "tag":
+        return f"<answer>{answer}"  # no closing tag: not a readable answer
+    # stray text after the answer that closes a tag again, so the last <answer>...</answer> is not a number
+    junk = "".join(rng.choice(["</", "<answer>", "answer>", ">", str(rng.randrange(10))]) for _ in range(rng.randint(0, 2)))
+    text = completion_for(answer) + junk + "</answer>"
+    return text if not is_correct(text, answer) else completion_for(str(value + 1))  # "<answer>3</answer><answer>3</answer>"
+
+
+def label_group(prompt: str, truth: str, answers: list[str], noise: float, rng: random.Random) -> PreferenceGroup:
+    """Rank ``answers`` to one prompt by rule: correct above wrong, shorter correct above longer correct."""
+    group = PreferenceGroup(prompt)
+    unique = list(dict.fromkeys(answers))
+    correct = {a: is_correct(a, truth) for a in unique}
+    for i, a in enumerate(unique):
+        for b in unique[i + 1:]:
+            if correct[a] != correct[b]:
+                better, worse, kind = (a, b, "correct>wrong") if correct[a] else (b, a, "correct>wrong")
+            elif correct[a] and len(a) != len(b):
+                better, worse, kind = (a, b, "short>long") if len(a) < len(b) else (b, a, "short>long")
+            else:
+                continue  # no preference between two wrong answers or two equally long right ones
+            if noise and rng.random() < noise:
+                better, worse = worse, better
+            group.add_pair(better, worse, 0.0, kind)
+    return group
+
+
+def builtin_preferences(config: BuiltinPreferenceConfig, task: ArithmeticTask, seed: int, tokenizer=None,
+                        policy=None, exclude: set[str] | None = None, device: torch.device | str = "cpu",
+                        batch_prompts: int = 128) -> tuple[list[PreferenceGroup], list[PreferenceGroup]]:
+    """(training groups, noise-free held-out groups) for the arithmetic task.
+
+    Prompts are fresh problems, none in ``exclude`` (pass the RL held-out prompts so the reward model
+    never sees them). Answers come from ``policy`` (sampled at ``config.temperature``) and from the
+    right answer and its corrupted variants.
+    """
+    from ..data.batching import decode_completions, encode_prompts
+    from ..rollout.sampling import SamplingConfig, sample_completions
+
+    config.validate()
+    total = config.num_prompts + config.eval_prompts
+    rows = make_rows(total, task, seed=seed + 3_000_017, exclude=exclude)
+    rng = random.Random(seed)
+    sampled: list[list[str]] = [[] for _ in rows]
+    if policy is not None and config.answers_per_prompt > 0:
+        sampling = SamplingConfig(temperature=config.temperature, max_new_tokens=config.max_new_tokens)
+        generator = torch.Generator(device=device).manual_seed(seed)
+        for start in range(0, len(rows), batch_prompts):
+            chunk = rows[start:start + batch_prompts]
+            ids, mask, _ = encode_prompts(tokenizer, [r["prompt"] for r in chunk], 256, device)
+            rollout = sample_completions(policy, ids, mask, config.answers_per_prompt, sampling,
+                                         tokenizer.eos_token_id, tokenizer.pad_token_id, generator)
+            texts = decode_completions(tokenizer, rollout.completion_ids, rollout.completion_mask)
+            K = config.answers_per_prompt
+            for j in range(len(chunk)):
+                sampled[start + j] = texts[j * K:(j + 1) * K]
+    train, held_out = [], []
+    for i, row in enumerate(rows):
+        answers = list(sampled[i]) + [completion_for(row["answer"])]
+        if config.include_long_correct:
+            answers.append(completion_for(f" {row['answer']} "))
+        answers += [corrupt_answer(row["answer"], rng) for _ in range(config.num_corrupted)]
+        is_eval = i >= config.num_prompts
+        group = label_group(row["prompt"], row["answer"], answers, 0.0 if is_eval else config.label_noise, rng)
+        if group.pairs:
+            (held_out if is_eval else train).append(group)
+    return train, held_out

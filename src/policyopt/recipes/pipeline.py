@@ -1,0 +1,553 @@
+"""The whole RLHF pipeline on the built-in task, and what its RL algorithms cost.
+
+1. SFT: a tiny model learns the answer format (and some arithmetic) from demonstrations.
+2. Reward model: the SFT policy samples K answers per fresh prompt; a rule labeller ranks them
+   (correct above wrong, shorter correct above longer); a scalar head on the SFT backbone learns the
+   preferences with Bradley-Terry, and its pairwise accuracy is measured on held-out noise-free pairs.
+3. PPO from the SFT policy, scored by the learned reward model, with the seed's four models: policy,
+   reference, reward model, and a value model, here a head on the policy's backbone.
+4. The same PPO with the value model as a separate transformer (the reward model's backbone with a
+   zero head, as InstructGPT initialises its critic from the reward model).
+5. GRPO from the same SFT policy, scored by the same reward model: no value model.
+
+The RL stages share the optimisation schedule (answers per step, steps, passes and minibatches,
+learning rate, sampling), so what differs is how advantages are estimated, and at what cost. The
+exact-answer accuracy is computed at weight 0: logged and evaluated on held-out prompts, never trained
+on. Each stage runs in a fresh process (``isolate_stages``), so its memory is its own; a sampler thread
+records the peak memory of every step (process RSS on a CPU, ``torch.cuda.max_memory_allocated`` on a
+GPU). The report (``summary.json``, ``report.md``, ``curves.png``) holds only numbers this run measured.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import resource
+import statistics
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data.arithmetic import ArithmeticTask
+from ..models.tiny import TinyModelConfig
+from ..rewards.combine import REWARD_MODEL_PREFIX, RewardSpec
+from ..runtime.config import ConfigError, config_from_dict, save_config
+from ..runtime.metrics import read_metrics
+from .grpo import GRPOConfig, run_grpo
+from .ppo import PPOConfig, run_ppo
+from .reward_model import RewardModelConfig, run_reward_model
+from .sft import SFTConfig, run_sft
+
+log = logging.getLogger(__name__)
+
+STAGES = {
+    "sft": (SFTConfig, run_sft),
+    "reward": (RewardModelConfig, run_reward_model),
+    "ppo": (PPOConfig, run_ppo),
+    "grpo": (GRPOConfig, run_grpo),
+}
+
+
+def _default_task() -> ArithmeticTask:
+    # the sum of four digits ("3+5+2+9="): a short SFT leaves the tiny model at ~30%, so RL has room
+    return ArithmeticTask(min_digits=1, max_digits=1, operators="+", steps=3)
+
+
+def _default_sft() -> SFTConfig:
+    return SFTConfig(steps=250, batch_size=32, lr=1e-3, warmup_steps=10, eval_every=0)
+
+
+def _default_reward() -> RewardModelConfig:
+    config = RewardModelConfig(epochs=4.0, batch_size=32, lr=1e-3, warmup_steps=10, eval_every=50)
+    config.data.builtin.num_prompts = 2000
+    config.data.builtin.eval_prompts = 200
+    config.data.builtin.temperature = 0.7  # the RL stages' sampling temperature: the answers RL will produce
+    return config
+
+
+# PPO and GRPO share the optimisation schedule (answers per step, 4 passes over 2 minibatches, learning
+# rate, temperature), so what differs is the advantage estimate: a value model and GAE, or the group.
+def _default_ppo() -> PPOConfig:
+    config = PPOConfig(steps=150, prompts_per_step=128, samples_per_prompt=1, num_ppo_epochs=4, num_minibatches=2,
+                       beta=0.05, lr=1e-3, warmup_steps=10, eval_every=25, missing_eos_penalty=1.0)
+    config.sampling.temperature, config.sampling.max_new_tokens = 0.7, 12
+    return config
+
+
+def _default_grpo() -> GRPOConfig:
+    config = GRPOConfig(steps=150, prompts_per_step=16, group_size=8, num_iterations=4, minibatch_size=64,
+                        beta=0.04, lr=1e-3, warmup_steps=10, eval_every=25)
+    config.sampling.temperature, config.sampling.max_new_tokens = 0.7, 12
+    return config
+
+
+@dataclass
+class PipelineConfig:
+    output_dir: str = "runs/pipeline"
+    seed: int = 0
+    # Each stage's settings: a mapping of that stage's config fields. Fields left out keep the
+    # pipeline's defaults (the _default_* functions above), not the single command's, so
+    # `ppo.steps=40` changes the steps and nothing else.
+    task: Any = None  # ArithmeticTask
+    sft: Any = None  # SFTConfig
+    reward: Any = None  # RewardModelConfig
+    ppo: Any = None  # PPOConfig
+    grpo: Any = None  # GRPOConfig
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    num_demonstrations: int = 300
+    eval_size: int = 200  # held-out prompts for accuracy, never used for training by any stage
+    run_ppo: bool = True
+    # PPO a second time with the critic as a separate transformer (the reward model's backbone, a zero
+    # head): the layout the "GRPO is cheaper without a value model" claim is about
+    run_ppo_separate_critic: bool = True
+    run_grpo: bool = True
+    isolate_stages: bool = True  # each stage in a fresh process: memory numbers are that stage's own
+    torch_threads: int = 1  # intra-op threads per stage (tiny models: 1 is fastest on a CPU); 0: torch's default
+    memory_sample_seconds: float = 0.005
+
+    def __post_init__(self) -> None:
+        self.task = _with_defaults("task", ArithmeticTask, _default_task, self.task)
+        self.sft = _with_defaults("sft", SFTConfig, _default_sft, self.sft)
+        self.reward = _with_defaults("reward", RewardModelConfig, _default_reward, self.reward)
+        self.ppo = _with_defaults("ppo", PPOConfig, _default_ppo, self.ppo)
+        self.grpo = _with_defaults("grpo", GRPOConfig, _default_grpo, self.grpo)
+        self.share_settings()
+
+    def share_settings(self) -> None:
+        """Copy the pipeline-wide settings (task, held-out size, model shape) into every stage's config."""
+        self.sft.model.tiny = self.tiny
+        self.sft.data.num_demonstrations = self.num_demonstrations
+        self.sft.max_new_tokens = self.grpo.sampling.max_new_tokens
+        self.reward.data.heldout_rl_size = self.eval_size
+        self.reward.data.builtin.max_new_tokens = self.grpo.sampling.max_new_tokens
+        for stage in (self.sft, self.reward, self.ppo, self.grpo):
+            stage.seed = self.seed
+            stage.data.task = self.task
+        for stage in (self.sft, self.ppo, self.grpo):
+            stage.data.eval_size = self.eval_size
+
+    def validate(self) -> None:
+        self.task.validate()
+        self.tiny.validate()
+        for stage in (self.sft, self.reward, self.ppo, self.grpo):
+            stage.validate()
+        if self.sft.data.path is not None or self.reward.data.path is not None:
+            raise ValueError("the pipeline runs on the built-in task; use the single commands for files")
+        ppo_answers = self.ppo.prompts_per_step * self.ppo.samples_per_prompt
+        grpo_answers = self.grpo.prompts_per_step * self.grpo.group_size
+        if ppo_answers != grpo_answers or self.ppo.steps != self.grpo.steps:
+            raise ValueError(f"PPO and GRPO must see the same answers per step ({ppo_answers} vs {grpo_answers}) "
+                             f"for the same steps ({self.ppo.steps} vs {self.grpo.steps}) to be compared")
+        if self.torch_threads < 0 or not self.memory_sample_seconds > 0:
+            raise ValueError("torch_threads must be >= 0 and memory_sample_seconds > 0")
+
+
+def _merge(base: dict, override: dict) -> dict:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _with_defaults(name: str, cls, default, value):
+    """A stage config: the pipeline's default with ``value``'s fields (a mapping) laid over it."""
+    if isinstance(value, cls):
+        return value
+    if value is not None and not isinstance(value, dict):
+        raise ConfigError(f"{name} must be a mapping of {cls.__name__} fields, got {value!r}")
+    try:
+        return config_from_dict(cls, _merge(dataclasses.asdict(default()), value or {}))
+    except ConfigError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+
+
+def run_pipeline(config: PipelineConfig) -> dict:
+    start = time.perf_counter()
+    out = Path(config.output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    config.share_settings()
+    save_config(config, out / "config.yaml")
+
+    # 1. SFT warm start on demonstrations of the task, from a tiny model built on them.
+    sft = copy.deepcopy(config.sft)
+    sft.output_dir, sft.model.name_or_path = str(out / "sft"), None
+    sft_result = _run_stage("sft", sft, config)
+    sft_dir = sft_result["summary"]["model_dir"]
+
+    # 2. Reward model on the SFT policy's own answers, labelled by rule; its backbone starts from SFT.
+    reward = copy.deepcopy(config.reward)
+    reward.output_dir, reward.model.name_or_path, reward.data.builtin.policy = str(out / "reward"), sft_dir, sft_dir
+    reward_result = _run_stage("reward", reward, config)
+    rm_dir = reward_result["summary"]["model_dir"]
+
+    # 3-5. PPO (value head on the policy; a separate critic) and GRPO from the same SFT policy, all
+    # scored by the learned reward model only.
+    rewards = [RewardSpec(f"{REWARD_MODEL_PREFIX}{rm_dir}", 1.0, name="rm"),
+               RewardSpec("accuracy", 0.0)]  # weight 0: evaluated and logged, never trained on
+    separate = copy.deepcopy(config.ppo)
+    separate.value_model, separate.value_model_path, separate.value_head_init = "separate", rm_dir, "zero"
+    results = {}
+    for name, enabled, recipe, stage in (("ppo", config.run_ppo, "ppo", copy.deepcopy(config.ppo)),
+                                         ("ppo_separate_critic", config.run_ppo_separate_critic, "ppo", separate),
+                                         ("grpo", config.run_grpo, "grpo", copy.deepcopy(config.grpo))):
+        if not enabled:
+            continue
+        stage.output_dir, stage.model.name_or_path, stage.rewards = str(out / name), sft_dir, rewards
+        results[name] = _run_stage(recipe, stage, config)
+
+    # The report: every number in it was measured in this run.
+    summary = _summarise(config, out, sft_result, reward_result, results, time.perf_counter() - start)
+    _plot(out, results, summary)
+    (out / "report.md").write_text(_report(summary))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+# ------------------------------------------------------------------ running a stage, measuring memory
+
+
+class StepMemoryProbe(threading.Thread):
+    """Sample memory every ``interval`` seconds and cut the samples into the recipe's steps.
+
+    A step ends when its record appears in ``metrics.jsonl`` (the recipes flush one line per step),
+    so no recipe needs to know it is being measured. Per window: the peak and starting process RSS
+    (MB) and, on a GPU, the peak of ``torch.cuda.max_memory_allocated`` (reset at each boundary).
+    Windows whose record holds no ``seconds_per_step`` are set-up or evaluation, not training steps.
+    """
+
+    def __init__(self, metrics_path: Path, interval: float, cuda: bool):
+        super().__init__(daemon=True)
+        self.metrics_path, self.interval, self.cuda = metrics_path, interval, cuda
+        self.windows: list[dict] = []
+        self._done = threading.Event()
+        import psutil
+
+        self._process = psutil.Process()
+
+    def _rss_mb(self) -> float:
+        return self._process.memory_info().rss / 2**20
+
+    def _file(self) -> tuple[int | None, int]:
+        try:
+            stat = self.metrics_path.stat()
+        except FileNotFoundError:
+            return None, 0
+        return stat.st_ino, stat.st_size
+
+    def run(self) -> None:
+        inode, offset = self._file()  # lines already there belong to an earlier run
+        partial = ""
+        start_rss = peak_rss = self._rss_mb()
+        window_start = time.perf_counter()
+        while True:
+            stopping = self._done.wait(self.interval)
+            peak_rss = max(peak_rss, self._rss_mb())
+            current, size = self._file()
+            if current != inode or size < offset:  # the recipe started a fresh metrics file
+                inode, offset, partial = current, 0, ""
+            if size > offset:
+                with self.metrics_path.open() as f:
+                    f.seek(offset)
+                    chunk = f.read(size - offset)
+                offset = size
+                partial += chunk
+                *lines, partial = partial.split("\n")
+                for line in lines:
+                    if not line.strip():
+                        continue
+                    record = json.loads(line)
+                    window = {"step": record.get("step"), "train_step": "seconds_per_step" in record,
+                              "seconds": time.perf_counter() - window_start,
+                              "start_rss_mb": start_rss, "peak_rss_mb": peak_rss}
+                    if self.cuda:
+                        window["peak_cuda_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+                        torch.cuda.reset_peak_memory_stats()
+                    self.windows.append(window)
+                    start_rss = peak_rss = self._rss_mb()
+                    window_start = time.perf_counter()
+            if stopping:
+                return
+
+    def stop(self) -> list[dict]:
+        self._done.set()
+        self.join()
+        return self.windows
+
+
+def _stage_body(name: str, config_dict: dict, threads: int, interval: float) -> dict:
+    """Run one recipe under the memory probe; returns its JSON-able summary and measurements."""
+    if threads:
+        torch.set_num_threads(threads)
+    config_cls, run = STAGES[name]
+    config = config_from_dict(config_cls, config_dict)
+    cuda = torch.cuda.is_available() and config.model.device in ("auto", "cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    metrics_path = Path(config.output_dir) / "metrics.jsonl"
+    probe = StepMemoryProbe(metrics_path, interval, cuda)
+    probe.start()
+    started = time.perf_counter()
+    try:
+        summary = run(config)
+    finally:
+        windows = probe.stop()
+    summary = {k: v for k, v in summary.items() if k not in ("model", "tokenizer")}
+    return {"summary": summary, "memory": windows, "wall_seconds": time.perf_counter() - started,
+            "process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "threads": torch.get_num_threads(), "device": "cuda" if cuda else "cpu"}
+
+
+def _stage_child(name: str, config_dict: dict, threads: int, interval: float, result_path: str) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        result = _stage_body(name, config_dict, threads, interval)
+    except BaseException as exc:  # reported by the parent, with the stage's name
+        Path(result_path).write_text(json.dumps({"error": f"{type(exc).__name__}: {exc}"}))
+        raise
+    Path(result_path).write_text(json.dumps(result, default=str))
+
+
+def _run_stage(name: str, stage_config, config: PipelineConfig) -> dict:
+    log.info("pipeline: %s stage -> %s", name, stage_config.output_dir)
+    config_dict = dataclasses.asdict(stage_config)
+    if not config.isolate_stages:
+        previous = torch.get_num_threads()
+        try:
+            return _stage_body(name, config_dict, config.torch_threads, config.memory_sample_seconds)
+        finally:
+            torch.set_num_threads(previous)
+    import multiprocessing
+
+    result_path = Path(stage_config.output_dir).with_suffix(".result.json")
+    Path(stage_config.output_dir).mkdir(parents=True, exist_ok=True)
+    result_path.unlink(missing_ok=True)
+    process = multiprocessing.get_context("spawn").Process(
+        target=_stage_child, args=(name, config_dict, config.torch_threads, config.memory_sample_seconds,
+                                   str(result_path)))
+    process.start()
+    process.join()
+    result = json.loads(result_path.read_text()) if result_path.exists() else {"error": f"exit code {process.exitcode}"}
+    result_path.unlink(missing_ok=True)
+    if "error" in result:
+        raise RuntimeError(f"pipeline stage {name} failed: {result['error']}")
+    return result
+
+
+# ------------------------------------------------------------------ the report
+
+
+WINDOW = 10  # steps averaged for the "first" and "last" training numbers
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def _rl_summary(result: dict, out: Path, name: str) -> dict:
+    summary = result["summary"]
+    records = read_metrics(out / name / "metrics.jsonl")
+    train = [r for r in records if "seconds_per_step" in r]
+    windows = [w for w in result["memory"] if w["train_step"]]
+    seconds = [r["seconds_per_step"] for r in train]
+    peaks = [w["peak_rss_mb"] for w in windows]
+    growth = [w["peak_rss_mb"] - w["start_rss_mb"] for w in windows]
+    report = {
+        "accuracy_before": summary["accuracy_before"],
+        "accuracy_after": summary["accuracy_after"],
+        "accuracy_gain_points": 100 * (summary["accuracy_after"] - summary["accuracy_before"]),
+        "rm_score_first_steps": _mean([r["reward/mean"] for r in train[:WINDOW]]),
+        "rm_score_last_steps": _mean([r["reward/mean"] for r in train[-WINDOW:]]),
+        "train_accuracy_first_steps": _mean([r.get("reward/accuracy/mean") for r in train[:WINDOW]]),
+        "train_accuracy_last_steps": _mean([r.get("reward/accuracy/mean") for r in train[-WINDOW:]]),
+        "eval_history": summary["eval_history"],
+        "steps": len(train),
+        "seconds_per_step_median": _median(seconds),
+        "seconds_per_step_mean": _mean(seconds),
+        "generation_seconds_per_step_median": _median([r["generation_seconds"] for r in train]),
+        "tokens_per_second_median": _median([r["tokens_per_second"] for r in train]),
+        "peak_rss_mb_per_step_median": _median(peaks),
+        "peak_rss_mb_per_step_max": max(peaks) if peaks else None,
+        "rss_growth_mb_per_step_median": _median(growth),
+        "rss_growth_mb_per_step_max": max(growth) if growth else None,
+        "stage_seconds": result["wall_seconds"],
+        "value_model": summary.get("value_model", "none"),
+        "device": result["device"],
+        "threads": result["threads"],
+    }
+    cuda = [w["peak_cuda_allocated_mb"] for w in windows if "peak_cuda_allocated_mb" in w]
+    if cuda:
+        report["peak_cuda_allocated_mb_per_step_median"] = _median(cuda)
+        report["peak_cuda_allocated_mb_per_step_max"] = max(cuda)
+    if result.get("isolated"):
+        report["process_peak_rss_mb"] = result["process_peak_rss_mb"]
+    return report
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def _summarise(config: PipelineConfig, out: Path, sft: dict, reward: dict, results: dict, seconds: float) -> dict:
+    rm = reward["summary"]
+    summary = {
+        "task": dataclasses.asdict(config.task),
+        "seed": config.seed,
+        "sft": {"accuracy_after": sft["summary"]["accuracy_after"], "steps": sft["summary"]["steps"],
+                "seconds": sft["wall_seconds"]},
+        "reward_model": {
+            "heldout_pairwise_accuracy": rm["pairwise_accuracy_after"],
+            "heldout_pairwise_accuracy_before_training": rm["pairwise_accuracy_before"],
+            "heldout_pairwise_accuracy_by_kind": {k.split("/")[-1]: v for k, v in rm["eval_after"].items()
+                                                  if k.startswith("eval/pairwise_accuracy/")},
+            "heldout_pairs": rm["eval_pairs"], "heldout_prompts": rm["eval_prompts"],
+            "train_pairs": rm["train_pairs"], "train_prompts": rm["train_prompts"], "steps": rm["steps"],
+            "reward_mean": rm["reward_mean"], "reward_std": rm["reward_std"], "seconds": reward["wall_seconds"],
+        },
+        "answers_per_step": config.grpo.prompts_per_step * config.grpo.group_size,
+        "isolated_stages": config.isolate_stages,
+        "steps_averaged_for_first_and_last": WINDOW,
+        "memory_sample_seconds": config.memory_sample_seconds,
+    }
+    for name, result in results.items():
+        result["isolated"] = config.isolate_stages
+        summary[name] = _rl_summary(result, out, name)
+    if "grpo" in summary:
+        # ratios for time and peaks; a plain difference for the within-step growth, which is often ~0 MB
+        grpo = summary["grpo"]
+        for name in ("ppo", "ppo_separate_critic"):
+            if name not in summary:
+                continue
+            ppo, versus = summary[name], {}
+            for key in ("seconds_per_step_median", "peak_rss_mb_per_step_median",
+                        "peak_cuda_allocated_mb_per_step_median", "process_peak_rss_mb"):
+                if ppo.get(key) is not None and grpo.get(key):
+                    versus[f"{key}_ratio"] = ppo[key] / grpo[key]
+            if ppo.get("rss_growth_mb_per_step_median") is not None and grpo.get("rss_growth_mb_per_step_median") is not None:
+                versus["rss_growth_mb_per_step_median_difference"] = (ppo["rss_growth_mb_per_step_median"]
+                                                                      - grpo["rss_growth_mb_per_step_median"])
+            summary[f"{name}_vs_grpo"] = versus
+    summary["seconds"] = seconds
+    return summary
+
+
+def _plot(out: Path, results: dict, summary: dict) -> None:
+    import matplotlib.pyplot as plt
+
+    from ..runtime import plots  # noqa: F401  (selects the Agg backend)
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    colors = {"ppo": "tab:orange", "ppo_separate_critic": "tab:red", "grpo": "tab:blue"}
+    labels = STAGE_LABELS
+    for name, result in results.items():
+        records = read_metrics(out / name / "metrics.jsonl")
+        train = [r for r in records if "seconds_per_step" in r]
+        evals = [r for r in records if r.get("eval/accuracy") is not None]
+        steps = [r["step"] for r in train]
+        axes[0, 0].plot(steps, [r["reward/mean"] for r in train], color=colors[name], label=labels[name])
+        axes[0, 1].plot([r["step"] for r in evals], [r["eval/accuracy"] for r in evals], marker="o",
+                        color=colors[name], label=labels[name])
+        axes[1, 0].plot(steps, [r["seconds_per_step"] for r in train], color=colors[name], label=labels[name])
+        windows = [w for w in result["memory"] if w["train_step"]]
+        key = "peak_cuda_allocated_mb" if windows and "peak_cuda_allocated_mb" in windows[0] else "peak_rss_mb"
+        axes[1, 1].plot([w["step"] for w in windows], [w[key] for w in windows], color=colors[name],
+                        label=labels[name])
+    sft_accuracy = summary["sft"]["accuracy_after"]
+    axes[0, 1].axhline(sft_accuracy, linestyle="--", color="gray", label=f"SFT start: {sft_accuracy:.3f}")
+    titles = [("learned reward model score (normalised), sampled answers", "RM score"),
+              ("held-out exact-answer accuracy (greedy)", "accuracy"),
+              ("seconds per step", "seconds"),
+              ("peak memory per training step", "MB (CUDA allocated)" if any(
+                  "peak_cuda_allocated_mb_per_step_median" in summary.get(n, {}) for n in results) else "MB (process RSS)")]
+    for ax, (title, ylabel) in zip(axes.flat, titles):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"PPO vs GRPO from one SFT policy, scored by one learned reward model "
+                 f"({summary['answers_per_step']} answers per step)")
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=110)
+    plt.close(fig)
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+STAGE_LABELS = {"ppo": "PPO (value head)", "ppo_separate_critic": "PPO (separate critic)", "grpo": "GRPO"}
+
+
+def _report(summary: dict) -> str:
+    rm, task = summary["reward_model"], summary["task"]
+    lines = [
+        "# Pipeline report: SFT -> reward model -> PPO and GRPO",
+        "",
+        (f"Task: built-in arithmetic, operands of {task['min_digits']} to {task['max_digits']} digits, operators "
+         f"`{task['operators']}`, {task['steps']} operations per problem; seed {summary['seed']}. Every number "
+         "here was measured by this run and is in `summary.json`."),
+        "",
+        f"- SFT: held-out accuracy {_fmt(summary['sft']['accuracy_after'])} after {summary['sft']['steps']} steps.",
+        f"- Reward model: held-out pairwise accuracy {_fmt(rm['heldout_pairwise_accuracy'])} on {rm['heldout_pairs']} "
+        f"noise-free pairs of {rm['heldout_prompts']} unseen prompts (before training: "
+        f"{_fmt(rm['heldout_pairwise_accuracy_before_training'])}); by kind: "
+        + ", ".join(f"{k} {_fmt(v)}" for k, v in rm["heldout_pairwise_accuracy_by_kind"].items())
+        + f". Trained on {rm['train_pairs']} pairs from {rm['train_prompts']} prompts in {rm['steps']} steps.",
+        f"- RL: every stage starts from the SFT policy, is scored by the reward model alone and sees "
+        f"{summary['answers_per_step']} sampled answers per step; exact-answer accuracy is only measured.",
+        "",
+    ]
+    rl = [n for n in STAGE_LABELS if n in summary]
+    if rl:
+        lines += ["| | " + " | ".join(STAGE_LABELS[n] for n in rl) + " |", "|---|" + "---|" * len(rl)]
+        rows = [
+            ("held-out accuracy, SFT start", "accuracy_before", 3),
+            ("held-out accuracy, after RL", "accuracy_after", 3),
+            ("gain (points)", "accuracy_gain_points", 1),
+            ("RM score of sampled answers, first steps", "rm_score_first_steps", 3),
+            ("RM score of sampled answers, last steps", "rm_score_last_steps", 3),
+            ("exact-answer accuracy of sampled answers, first steps", "train_accuracy_first_steps", 3),
+            ("exact-answer accuracy of sampled answers, last steps", "train_accuracy_last_steps", 3),
+            ("seconds per step (median)", "seconds_per_step_median", 3),
+            ("generation seconds per step (median)", "generation_seconds_per_step_median", 3),
+            ("peak RSS per step, MB (median)", "peak_rss_mb_per_step_median", 1),
+            ("RSS growth within a step, MB (median)", "rss_growth_mb_per_step_median", 1),
+            ("peak CUDA allocated per step, MB (median)", "peak_cuda_allocated_mb_per_step_median", 1),
+            ("process peak RSS, MB", "process_peak_rss_mb", 1),
+            ("stage wall time, s", "stage_seconds", 1),
+        ]
+        for label, key, digits in rows:
+            if any(key in summary[n] for n in rl):
+                lines.append(f"| {label} | " + " | ".join(_fmt(summary[n].get(key), digits) for n in rl) + " |")
+        lines.append("")
+        lines.append(f"(\"first\"/\"last\" steps: the mean over {summary['steps_averaged_for_first_and_last']} steps.)")
+        lines.append("")
+    names = {"seconds_per_step_median_ratio": ("seconds per step", "x", 3),
+             "peak_rss_mb_per_step_median_ratio": ("peak RSS per step", "x", 3),
+             "peak_cuda_allocated_mb_per_step_median_ratio": ("peak CUDA memory per step", "x", 3),
+             "process_peak_rss_mb_ratio": ("process peak RSS", "x", 3),
+             "rss_growth_mb_per_step_median_difference": ("RSS growth within a step", " MB", 1)}
+    for name in ("ppo", "ppo_separate_critic"):
+        versus = summary.get(f"{name}_vs_grpo")
+        if versus:
+            lines.append(f"Is GRPO cheaper than {STAGE_LABELS[name]}? {STAGE_LABELS[name]} against GRPO: "
+                         + "; ".join(f"{names[k][0]} {'+' if k.endswith('difference') and v >= 0 else ''}"
+                                     f"{_fmt(v, names[k][2])}{names[k][1]}" for k, v in versus.items())
+                         + ".")
+            lines.append("")
+    lines.append(f"Total wall time: {_fmt(summary['seconds'], 1)} s. Curves: `curves.png`.")
+    return "\n".join(lines) + "\n"
