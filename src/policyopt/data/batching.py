@@ -11,6 +11,19 @@ import torch
 from .loading import format_prompt
 
 
+def pad_rows(rows: list[list[int]], pad_id: int, side: str, device: torch.device | str = "cpu"):
+    """Stack token lists into (ids [B, W], mask [B, W]), padding on the ``side`` ("left" or "right")."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            cols = slice(width - len(r), width) if side == "left" else slice(0, len(r))
+            ids[i, cols] = torch.tensor(r)
+            mask[i, cols] = 1
+    return ids.to(device), mask.to(device)
+
+
 def _prompt_ids(tokenizer, prompt) -> list[int]:
     text = format_prompt(tokenizer, prompt)
     # chat templates already carry their special tokens; plain text gets the tokenizer's own
@@ -31,14 +44,8 @@ def encode_prompts(tokenizer, prompts: list, max_prompt_tokens: int, device: tor
             ids = ids[-max_prompt_tokens:]
             truncated += 1
         rows.append(ids)
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        if r:
-            ids[i, width - len(r):] = torch.tensor(r)
-            mask[i, width - len(r):] = 1
-    return ids.to(device), mask.to(device), truncated
+    ids, mask = pad_rows(rows, tokenizer.pad_token_id, side="left", device=device)
+    return ids, mask, truncated
 
 
 def encode_completions(tokenizer, completions: list[str], max_tokens: int | None = None,
@@ -50,13 +57,7 @@ def encode_completions(tokenizer, completions: list[str], max_tokens: int | None
         if max_tokens is not None:
             ids = ids[:max_tokens]
         rows.append(ids)
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = 1
-    return ids.to(device), mask.to(device)
+    return pad_rows(rows, tokenizer.pad_token_id, side="right", device=device)
 
 
 def decode_completions(tokenizer, completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> list[str]:

@@ -22,6 +22,7 @@ import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel
 
 from ..algorithms.ppo import last_token_index
+from ..data.batching import pad_rows
 from ..data.loading import completion_text, format_prompt
 from .loading import (
     ModelLoadError,
@@ -128,13 +129,7 @@ def encode_for_scoring(tokenizer, prompts: list, completions: list, max_length: 
         ids = ids + tokenizer(completion_text(completion), add_special_tokens=False)["input_ids"]
         ids = (ids + [tokenizer.eos_token_id])[-max_length:]
         rows.append(ids)
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r)
-        mask[i, :len(r)] = 1
-    return ids.to(device), mask.to(device)
+    return pad_rows(rows, tokenizer.pad_token_id, side="right", device=device)
 
 
 def max_length_of(model: PreTrainedModel, limit: int = 1024) -> int:
