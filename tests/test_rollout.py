@@ -76,3 +76,14 @@ def test_filter_logits_top_k_and_top_p():
     # the most likely token always survives
     kept = filter_logits(logits, top_p=0.1)
     assert torch.isfinite(kept[0, 0]) and torch.isinf(kept[0, 1:]).all()
+
+
+def test_skipping_sample_logprobs_changes_nothing_else(model, tokenizer):
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=8)
+    with_lp = _sample(model, tokenizer, 2, sampling, seed=5)
+    ids, mask, _ = encode_prompts(tokenizer, PROMPTS, 64)
+    without = sample_completions(model, ids, mask, 2, sampling, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                                 torch.Generator().manual_seed(5), record_logprobs=False)
+    assert without.sample_logprobs is None and with_lp.sample_logprobs is not None
+    assert torch.equal(with_lp.completion_ids, without.completion_ids)
+    assert torch.equal(with_lp.completion_mask, without.completion_mask)

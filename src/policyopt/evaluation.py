@@ -25,7 +25,8 @@ def evaluate(model, tokenizer, rows: list[dict], reward_functions, max_new_token
         chunk = rows[start: start + batch_size]
         prompts = [r["prompt"] for r in chunk]
         ids, mask, _ = encode_prompts(tokenizer, prompts, max_prompt_tokens, device)
-        rollout = sample_completions(model, ids, mask, 1, greedy, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        rollout = sample_completions(model, ids, mask, 1, greedy, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                                     record_logprobs=False)
         texts = decode_completions(tokenizer, rollout.completion_ids, rollout.completion_mask)
         columns = {k: [r.get(k) for r in chunk] for k in chunk[0] if k != "prompt"}
         scores = score_completions(reward_functions, prompts, texts, columns, on_error=on_error)

@@ -259,7 +259,8 @@ def builtin_preferences(config: BuiltinPreferenceConfig, task: ArithmeticTask, s
             chunk = rows[start:start + batch_prompts]
             ids, mask, _ = encode_prompts(tokenizer, [r["prompt"] for r in chunk], 256, device)
             rollout = sample_completions(policy, ids, mask, config.answers_per_prompt, sampling,
-                                         tokenizer.eos_token_id, tokenizer.pad_token_id, generator)
+                                         tokenizer.eos_token_id, tokenizer.pad_token_id, generator,
+                                         record_logprobs=False)
             texts = decode_completions(tokenizer, rollout.completion_ids, rollout.completion_mask)
             K = config.answers_per_prompt
             for j in range(len(chunk)):

@@ -233,7 +233,8 @@ def run_grpo(config: GRPOConfig) -> dict:
             prompt_ids, prompt_mask, num_truncated = encode_prompts(tokenizer, prompts, config.data.max_prompt_tokens,
                                                                     device)
             rollout = sample_completions(policy, prompt_ids, prompt_mask, G, config.sampling,
-                                         tokenizer.eos_token_id, tokenizer.pad_token_id, sample_generator)
+                                         tokenizer.eos_token_id, tokenizer.pad_token_id, sample_generator,
+                                             record_logprobs=False)  # recomputed in training
             completions = decode_completions(tokenizer, rollout.completion_ids, rollout.completion_mask)
             generation_seconds = time.perf_counter() - step_start
 
