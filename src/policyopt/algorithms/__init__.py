@@ -8,6 +8,7 @@ from .losses import (
     clipped_surrogate,
     clipped_value_loss,
     selective_log_softmax,
+    selective_log_softmax_and_entropy,
     token_entropy,
 )
 
@@ -24,6 +25,7 @@ __all__ = [
     "bradley_terry_loss",
     "token_entropy",
     "selective_log_softmax",
+    "selective_log_softmax_and_entropy",
     "LOSS_AGGREGATIONS",
     "aggregate_loss",
     "masked_mean",

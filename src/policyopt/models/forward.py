@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from ..algorithms.losses import selective_log_softmax, token_entropy
+from ..algorithms.losses import selective_log_softmax, selective_log_softmax_and_entropy
 from .loading import cache_keyword
 
 
@@ -17,14 +17,11 @@ def trim_padding(prompt_ids, prompt_mask, completion_ids, completion_mask):
 def _token_logprobs(logits, tokens, temperature: float, with_entropy: bool):
     """(log-probabilities of ``tokens`` under logits / temperature, per-token entropy or None)."""
     logits = logits.float()
-    if temperature > 0:
+    if temperature > 0 and temperature != 1:
         logits = logits / temperature
-    logp = selective_log_softmax(logits, tokens)
     if not with_entropy:
-        return logp, None
-    with torch.no_grad():
-        entropy = token_entropy(logits)
-    return logp, entropy
+        return selective_log_softmax(logits, tokens), None
+    return selective_log_softmax_and_entropy(logits, tokens)
 
 
 def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask,
