@@ -270,7 +270,7 @@ def worker_policyopt(spec: dict) -> dict:
                     "weight_decay": 0.0, "max_grad_norm": 1.0, "eps_low": 0.2, "eps_high": 0.2,
                     "loss_aggregation": "seq_mean_token_mean", "scale_rewards": True, "eval_every": 0,
                     "tensorboard": False})
-        cfg["model"]["dtype"] = "float32"
+        cfg["model"].update({"dtype": "float32", "autocast": "off"})
         cfg["sampling"].update({"temperature": 1.0, "top_p": 1.0, "top_k": 0})
     config = config_from_dict(GRPOConfig, cfg)
     run_grpo(config)
@@ -284,7 +284,7 @@ def worker_policyopt(spec: dict) -> dict:
         "baseline_rss_mb": baseline,
         "effective_config": {k: getattr(config, k) for k in (
             "beta", "lr", "lr_schedule", "warmup_steps", "loss_aggregation", "num_iterations", "tensorboard")}
-        | {"dtype": config.model.dtype, "sampling": vars(config.sampling)},
+        | {"dtype": config.model.dtype, "autocast": config.model.autocast, "sampling": vars(config.sampling)},
     }
 
 

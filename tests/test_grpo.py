@@ -80,6 +80,18 @@ def test_kl_minibatches_and_multiple_iterations(tmp_path, reward_file):
     assert records[-1]["kl"] > 0
 
 
+def test_bf16_autocast_trains_with_fp32_weights(tmp_path, reward_file):
+    cfg = _config(tmp_path, reward_file, steps=3, eval_every=0, beta=0.05, tensorboard=False,
+                  model={"tiny": TINY, "autocast": "bfloat16"})
+    run_grpo(cfg)
+    records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert len(records) == 3 and records[-1]["skipped_updates"] == 0
+    for r in records:
+        assert all(torch.isfinite(torch.tensor(r[k])) for k in ("loss", "kl", "entropy", "grad_norm"))
+    final = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final")
+    assert next(final.parameters()).dtype == torch.float32
+
+
 def test_grpo_cli_on_a_user_dataset_and_reward(tmp_path, reward_file):
     data = tmp_path / "prompts.jsonl"
     with data.open("w") as f:

@@ -2,7 +2,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from policyopt.models.loading import ModelLoadError, load_causal_lm, load_tokenizer, resolve_dtype
+from policyopt.models import loading
+from policyopt.models.loading import ModelLoadError, load_causal_lm, load_tokenizer, resolve_autocast, resolve_dtype
 from policyopt.models.tiny import TinyModelConfig
 
 
@@ -58,6 +59,25 @@ def test_cpu_defaults_to_float32():
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
     with pytest.raises(ValueError, match="dtype"):
         resolve_dtype("float8", torch.device("cpu"))
+
+
+def test_autocast_auto_only_where_it_pays(model, monkeypatch):
+    cpu = torch.device("cpu")
+    assert resolve_autocast("off", "auto", model, cpu) is None
+    assert resolve_autocast("bfloat16", "float32", model, cpu) == torch.bfloat16
+    with pytest.raises(ValueError, match="autocast"):
+        resolve_autocast("fp8", "auto", model, cpu)
+    monkeypatch.setattr(loading, "cpu_has_bf16_matmul_units", lambda: True)
+    wide = type("Config", (), {"hidden_size": loading.AUTOCAST_MIN_HIDDEN})()
+    monkeypatch.setattr(model, "config", wide)
+    assert resolve_autocast("auto", "auto", model, cpu) == torch.bfloat16
+    assert resolve_autocast("auto", "float32", model, cpu) is None  # explicit fp32 means fp32 compute
+    assert resolve_autocast("auto", "auto", model, torch.device("cuda")) is None  # GPUs default to bf16 weights
+    wide.hidden_size = loading.AUTOCAST_MIN_HIDDEN - 1
+    assert resolve_autocast("auto", "auto", model, cpu) is None  # too narrow: casts cost more than they save
+    monkeypatch.setattr(loading, "cpu_has_bf16_matmul_units", lambda: False)
+    wide.hidden_size = 4096
+    assert resolve_autocast("auto", "auto", model, cpu) is None
 
 
 def test_tiny_config_validation():

@@ -14,7 +14,7 @@ def trim_padding(prompt_ids, prompt_mask, completion_ids, completion_mask):
     return (*_trim_left(prompt_ids, prompt_mask), *_trim_right(completion_ids, completion_mask))
 
 
-def _token_logprobs(logits, tokens, temperature: float, with_entropy: bool):
+def token_logprobs(logits, tokens, temperature: float, with_entropy: bool):
     """(log-probabilities of ``tokens`` under logits / temperature, per-token entropy or None)."""
     logits = logits.float()
     if temperature > 0 and temperature != 1:
@@ -42,7 +42,7 @@ def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completi
         position_ids=position_ids,
         logits_to_keep=completion_len + 1,
     ).logits[:, :-1]  # position t predicts completion token t
-    return _token_logprobs(logits, completion_ids, temperature, with_entropy)
+    return token_logprobs(logits, completion_ids, temperature, with_entropy)
 
 
 def _trim_left(ids, mask):
@@ -79,7 +79,7 @@ def shared_prompt_logprobs(model, prompt_ids, prompt_mask, row_prompt, completio
         rest = model(input_ids=inputs, attention_mask=attention_mask, position_ids=position_ids,
                      use_cache=True, **{cache_kw: cache}).logits
         logits = torch.cat([logits, rest], dim=1)  # [M, T, V]
-    return _token_logprobs(logits, completion_ids, temperature, with_entropy)
+    return token_logprobs(logits, completion_ids, temperature, with_entropy)
 
 
 def grouped_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, rows, group_size: int,

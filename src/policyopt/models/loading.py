@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
@@ -33,6 +34,52 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
     return DTYPES[dtype]
+
+
+# Hidden sizes from which bf16 autocast paid off on a CPU with AMX bf16 tiles (2-core Xeon, one GRPO
+# step of 32 answers x 32 tokens, fp32 -> autocast): 128: 0.90x (slower), 192: 1.03x, 256: 1.13x,
+# 384: 1.46x. Below it, casting weights costs more than the faster matrix multiplies save.
+AUTOCAST_MIN_HIDDEN = 256
+AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cpu_has_bf16_matmul_units() -> bool:
+    """True on CPUs with AMX bf16 tiles (Intel Sapphire Rapids and later), where oneDNN runs bf16
+    matrix multiplies 5-12x faster than fp32 ones."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe and probe())
+
+
+def resolve_autocast(setting: str, dtype_setting: str, model: torch.nn.Module,
+                     device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for forward passes (None: no autocast), from ``model.autocast``.
+
+    ``auto`` turns bf16 autocast on only where it is both safe and faster: fp32 weights chosen by
+    ``dtype: auto`` on a CPU with AMX bf16 units, for a model with hidden size >= AUTOCAST_MIN_HIDDEN.
+    The weights, gradients and optimizer state stay fp32 (mixed precision); an explicit
+    ``dtype: float32`` means fp32 compute and keeps autocast off.
+    """
+    if setting == "off":
+        return None
+    if setting in AUTOCAST_DTYPES:
+        return AUTOCAST_DTYPES[setting]
+    if setting != "auto":
+        raise ValueError(f"autocast must be auto, off, bfloat16 or float16; got {setting!r}")
+    if dtype_setting != "auto" or device.type != "cpu" or not cpu_has_bf16_matmul_units():
+        return None
+    if next(model.parameters()).dtype != torch.float32:
+        return None
+    hidden = getattr(model.config, "hidden_size", 0) or 0
+    return torch.bfloat16 if hidden >= AUTOCAST_MIN_HIDDEN else None
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype | None):
+    """``torch.autocast`` for ``dtype``, or a no-op context when it is None. Wrap forward passes only;
+    backward runs each op in the dtype its forward chose. Inside one context, casts of trainable
+    weights are cached, so a decode loop casts them once, not once per token."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def _check_path(name_or_path: str, what: str) -> None:

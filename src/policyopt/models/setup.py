@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .loading import load_causal_lm, load_tokenizer, resolve_device, resolve_dtype
+from .loading import load_causal_lm, load_tokenizer, resolve_autocast, resolve_device, resolve_dtype
 from .tiny import TinyModelConfig, build_tiny_model, build_tokenizer, count_parameters
 
 log = logging.getLogger(__name__)
@@ -21,12 +21,17 @@ class ModelConfig:
     name_or_path: str | None = None
     tokenizer: str | None = None  # defaults to name_or_path
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on GPUs that support it
+    # forward passes under autocast: auto = bf16 on CPUs with AMX bf16 units for models with hidden
+    # size >= 256 when dtype is auto (weights and optimizer stay fp32); off; bfloat16; float16
+    autocast: str = "auto"
     device: str = "auto"
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
 
     def validate(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"model.dtype must be auto, float32, bfloat16 or float16; got {self.dtype!r}")
+        if self.autocast not in ("auto", "off", "bfloat16", "float16"):
+            raise ValueError(f"model.autocast must be auto, off, bfloat16 or float16; got {self.autocast!r}")
         self.tiny.validate()
 
 
@@ -51,3 +56,13 @@ def load_or_build(config: ModelConfig, texts: list[str], seed: int, save_dir: st
 
 def describe(model: torch.nn.Module) -> str:
     return f"{type(model).__name__} with {count_parameters(model):,} parameters"
+
+
+def forward_autocast(config: ModelConfig, model: torch.nn.Module, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype the recipe's forward passes use (see ``resolve_autocast``), logged once."""
+    dtype = resolve_autocast(config.autocast, config.dtype, model, device)
+    if dtype is not None:
+        log.info("forward passes under %s autocast (model.autocast=%s; weights and optimizer stay %s)",
+                 str(dtype).removeprefix("torch."), config.autocast,
+                 str(next(model.parameters()).dtype).removeprefix("torch."))
+    return dtype

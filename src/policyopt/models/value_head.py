@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..algorithms.losses import selective_log_softmax, token_entropy
 from .reward_model import init_head, reward_head
+from .forward import token_logprobs
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 
@@ -60,17 +60,11 @@ class PolicyAndValue(nn.Module):
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                           logits_to_keep=T + 1, output_hidden_states=self.value_model is None)
-        logits = out.logits[:, :-1].float()  # position t predicts completion token t
-        if temperature > 0:
-            logits = logits / temperature
-        logp = selective_log_softmax(logits, completion_ids)
-        entropy = None
-        if with_entropy:
-            with torch.no_grad():
-                entropy = token_entropy(logits)
+        # position t predicts completion token t
+        logp, entropy = token_logprobs(out.logits[:, :-1], completion_ids, temperature, with_entropy)
         if self.value_model is None:
             hidden = out.hidden_states[-1][:, -(T + 1):-1]  # the final (normed) hidden state the LM head reads
-            values = self.value_head(hidden.float()).squeeze(-1)
+            values = self.value_head(hidden.float()).squeeze(-1).float()  # fp32 even under autocast
         else:
             hidden = self.value_model.base_model(input_ids=input_ids, attention_mask=attention_mask,
                                                  position_ids=position_ids).last_hidden_state[:, -(T + 1):-1]

@@ -40,8 +40,8 @@ from ..data.loading import prompt_text
 from ..data.sources import DataConfig, PromptSource
 from ..evaluation import evaluate, headline
 from ..models.forward import grouped_logprobs
-from ..models.loading import frozen_copy, load_causal_lm
-from ..models.setup import ModelConfig, describe, load_or_build
+from ..models.loading import autocast_context, frozen_copy, load_causal_lm
+from ..models.setup import ModelConfig, describe, forward_autocast, load_or_build
 from ..rewards.combine import RewardSpec, score_completions
 from ..rollout.sampling import SamplingConfig, sample_completions
 from ..runtime.checkpoint import (
@@ -178,6 +178,7 @@ def run_grpo(config: GRPOConfig) -> dict:
         log.warning("skipped %d training prompts longer than data.max_prompt_tokens=%d",
                     skipped_prompts, config.data.max_prompt_tokens)
     reference = frozen_copy(policy) if config.beta > 0 else None
+    amp_dtype = forward_autocast(model_config, policy, device)  # None unless bf16 autocast pays off here
     reward_functions = [spec.load() for spec in config.rewards]
     reward_names = [name for name, _, _ in reward_functions]
     optimizer = build_optimizer(policy, config.lr, config.weight_decay)
@@ -187,8 +188,9 @@ def run_grpo(config: GRPOConfig) -> dict:
     log.info("GRPO on %s, G=%d, %d prompts/step, beta=%g", describe(policy), G, config.prompts_per_step, config.beta)
 
     def run_eval() -> dict:
-        return evaluate(policy, tokenizer, source.eval_rows, reward_functions, config.sampling.max_new_tokens,
-                        config.data.max_prompt_tokens, device, on_error=config.reward_on_error)
+        with autocast_context(device, amp_dtype):
+            return evaluate(policy, tokenizer, source.eval_rows, reward_functions, config.sampling.max_new_tokens,
+                            config.data.max_prompt_tokens, device, on_error=config.reward_on_error)
 
     def training_state() -> dict:
         return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -232,8 +234,9 @@ def run_grpo(config: GRPOConfig) -> dict:
             # 2. Sample G answers per prompt.
             prompt_ids, prompt_mask, num_truncated = encode_prompts(tokenizer, prompts, config.data.max_prompt_tokens,
                                                                     device)
-            rollout = sample_completions(policy, prompt_ids, prompt_mask, G, config.sampling,
-                                         tokenizer.eos_token_id, tokenizer.pad_token_id, sample_generator,
+            with autocast_context(device, amp_dtype):
+                rollout = sample_completions(policy, prompt_ids, prompt_mask, G, config.sampling,
+                                             tokenizer.eos_token_id, tokenizer.pad_token_id, sample_generator,
                                              record_logprobs=False)  # recomputed in training
             completions = decode_completions(tokenizer, rollout.completion_ids, rollout.completion_mask)
             generation_seconds = time.perf_counter() - step_start
@@ -254,8 +257,9 @@ def run_grpo(config: GRPOConfig) -> dict:
 
             def logprobs(model, rows, with_entropy=False):
                 # log pi(o_t | q, o_<t) for answer `rows`: [len(rows), T'], each prompt run once per group
-                return grouped_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, rows, G,
-                                        config.sampling.temperature, with_entropy, config.share_prompt)
+                with autocast_context(device, amp_dtype):
+                    return grouped_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, rows,
+                                            G, config.sampling.temperature, with_entropy, config.share_prompt)
 
             # pi_old log-probs are needed only once the policy moves before the last update; with one
             # update per rollout, pi_old = pi_theta.detach() and no extra forward pass is spent.

@@ -50,9 +50,9 @@ from ..data.loading import prompt_text
 from ..data.sources import DataConfig, PromptSource
 from ..evaluation import evaluate, headline
 from ..models.forward import completion_logprobs, trim_padding
-from ..models.loading import ModelLoadError, frozen_copy, resolve_dtype
+from ..models.loading import ModelLoadError, autocast_context, frozen_copy, resolve_dtype
 from ..models.reward_model import load_scalar_model, scalar_model_from_causal_lm
-from ..models.setup import ModelConfig, describe, load_or_build
+from ..models.setup import ModelConfig, describe, forward_autocast, load_or_build
 from ..models.value_head import PolicyAndValue
 from ..rewards.combine import RewardSpec, score_completions
 from ..rollout.sampling import SamplingConfig, sample_completions
@@ -169,6 +169,7 @@ def run_ppo(config: PPOConfig) -> dict:
     texts = [prompt_text(r["prompt"]) for r in (source.train_rows or source.eval_rows)]
     policy, tokenizer, device = load_or_build(config.model, texts, config.seed, save_dir=out / "initial")
     reference = frozen_copy(policy) if config.beta > 0 else None
+    amp_dtype = forward_autocast(config.model, policy, device)  # None unless bf16 autocast pays off here
     reward_functions = [spec.load() for spec in config.rewards]
     reward_names = [name for name, _, _ in reward_functions]
     value_model = _separate_value_model(config, policy, tokenizer, device) if config.value_model == "separate" else None
@@ -183,8 +184,9 @@ def run_ppo(config: PPOConfig) -> dict:
              config.rollout_size, beta)
 
     def run_eval() -> dict:
-        return evaluate(policy, tokenizer, source.eval_rows, reward_functions, config.sampling.max_new_tokens,
-                        config.data.max_prompt_tokens, device, on_error=config.reward_on_error)
+        with autocast_context(device, amp_dtype):
+            return evaluate(policy, tokenizer, source.eval_rows, reward_functions, config.sampling.max_new_tokens,
+                            config.data.max_prompt_tokens, device, on_error=config.reward_on_error)
 
     (out / "metrics.jsonl").unlink(missing_ok=True)
     logger = MetricsLogger(out, tensorboard=config.tensorboard)
@@ -202,9 +204,10 @@ def run_ppo(config: PPOConfig) -> dict:
         # 1. Rollout: answers from pi_old (the current weights, before this step's updates).
         prompt_ids, prompt_mask, num_truncated = encode_prompts(tokenizer, prompts, config.data.max_prompt_tokens,
                                                                 device)
-        rollout = sample_completions(policy, prompt_ids, prompt_mask, S, config.sampling,
-                                     tokenizer.eos_token_id, tokenizer.pad_token_id, sample_generator,
-                                     record_logprobs=False)  # recomputed with the values
+        with autocast_context(device, amp_dtype):
+            rollout = sample_completions(policy, prompt_ids, prompt_mask, S, config.sampling,
+                                         tokenizer.eos_token_id, tokenizer.pad_token_id, sample_generator,
+                                         record_logprobs=False)  # recomputed with the values
         completions = decode_completions(tokenizer, rollout.completion_ids, rollout.completion_mask)
         generation_seconds = time.perf_counter() - step_start
 
@@ -227,7 +230,7 @@ def run_ppo(config: PPOConfig) -> dict:
         minibatch = n // config.num_minibatches
 
         # 3. pi_old and V_old of every token (one pass through the policy and critic), and pi_ref.
-        with torch.no_grad():
+        with torch.no_grad(), autocast_context(device, amp_dtype):
             old_logp, old_values = _forward_in_chunks(actor_critic, batch, config.sampling.temperature, minibatch)
             ref_logp = (_forward_in_chunks(reference, batch, config.sampling.temperature, minibatch)[0]
                         if reference is not None else None)
@@ -254,8 +257,9 @@ def run_ppo(config: PPOConfig) -> dict:
                 for micro_rows in mb_rows.chunk(config.grad_accum_steps):
                     ids_p, mask_p, ids_c, mask_c = trim_padding(*(t[micro_rows] for t in batch))
                     width = ids_c.size(1)
-                    logp, entropy, values = actor_critic(ids_p, mask_p, ids_c, mask_c, config.sampling.temperature,
-                                                         with_entropy=True)
+                    with autocast_context(device, amp_dtype):
+                        logp, entropy, values = actor_critic(ids_p, mask_p, ids_c, mask_c,
+                                                             config.sampling.temperature, with_entropy=True)
                     loss_mask = mask[micro_rows, :width]
                     old = old_logp[micro_rows, :width]
                     policy_loss, clipped = clipped_surrogate(logp, old, advantages[micro_rows, :width],

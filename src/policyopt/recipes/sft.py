@@ -24,7 +24,8 @@ from ..data.loading import completion_text, prompt_text
 from ..data.sources import DataConfig, demonstration_rows
 from ..evaluation import evaluate, headline
 from ..models.forward import completion_logprobs, trim_padding
-from ..models.setup import ModelConfig, describe, load_or_build
+from ..models.loading import autocast_context
+from ..models.setup import ModelConfig, describe, forward_autocast, load_or_build
 from ..rewards.combine import RewardSpec
 from ..runtime.checkpoint import save_pretrained_atomic
 from ..runtime.config import save_config
@@ -116,6 +117,7 @@ def run_sft(config: SFTConfig, model=None, tokenizer=None) -> dict:
         model, tokenizer, device = load_or_build(config.model, texts, config.seed, save_dir=out / "initial")
     else:
         device = next(model.parameters()).device
+    amp_dtype = forward_autocast(config.model, model, device)  # None unless bf16 autocast pays off here
     log.info("SFT on %d demonstrations with %s", len(train_rows), describe(model))
     specs = config.rewards
     if specs is None:
@@ -128,10 +130,11 @@ def run_sft(config: SFTConfig, model=None, tokenizer=None) -> dict:
 
     def run_eval(step: int) -> dict:
         model.eval()
-        metrics = {"eval/nll": _eval_nll(model, tokenizer, eval_rows, config, device)} if eval_rows else {}
-        if reward_functions and eval_rows:
-            metrics.update(evaluate(model, tokenizer, eval_rows, reward_functions, config.max_new_tokens,
-                                    config.data.max_prompt_tokens, device))
+        with autocast_context(device, amp_dtype):
+            metrics = {"eval/nll": _eval_nll(model, tokenizer, eval_rows, config, device)} if eval_rows else {}
+            if reward_functions and eval_rows:
+                metrics.update(evaluate(model, tokenizer, eval_rows, reward_functions, config.max_new_tokens,
+                                        config.data.max_prompt_tokens, device))
         model.train()
         logger.log(step, metrics)
         return metrics
@@ -155,7 +158,8 @@ def run_sft(config: SFTConfig, model=None, tokenizer=None) -> dict:
         batch_rows = [train_rows[i] for i in order[:config.batch_size]]
         del order[:config.batch_size]
         step_start = time.perf_counter()
-        loss, num_tokens = _nll_batch(model, tokenizer, batch_rows, config, device)
+        with autocast_context(device, amp_dtype):
+            loss, num_tokens = _nll_batch(model, tokenizer, batch_rows, config, device)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
