@@ -586,13 +586,18 @@ def markdown(results: dict) -> str:
             lines.append(f"| {c['workload']} | {c['model']} | {c['settings']} | {c['tool']} | FAILED | | | | | | |")
     scaling = [c for c in results["cells"] if "-scal-" in c["name"] and "error" not in c]
     if scaling:
-        lines += ["", "Scaling (same settings, workload a shape, model small): median s/step "
-                  "(generation share)", "",
-                  "| tool | G | answer tokens | median s/step | generation share | tokens/s |",
-                  "|---|---:|---:|---:|---:|---:|"]
-        for c in scaling:
-            lines.append(f"| {c['tool']} | {c['G']} | {c['max_new_tokens']} | {c['median_step_s']:.3f} | "
-                         f"{c['generation_share']:.2f} | {c['tokens_per_s']:.0f} |")
+        tools = [t for t in ("policyopt", "trl", "bare") if any(c["tool"] == t for c in scaling)]
+        lines += ["", "Scaling (same settings, workload a shape, model small): median s/step, peak RSS MB", "",
+                  "| G | answer tokens | " + " | ".join(f"{t} s/step | {t} MB" for t in tools)
+                  + "".join(f" | policyopt/{t}" for t in tools[1:]) + " |",
+                  "|---:|---:|" + "---:|---:|" * len(tools) + "---:|" * (len(tools) - 1)]
+        for G, T in sorted({(c["G"], c["max_new_tokens"]) for c in scaling}):
+            row = {c["tool"]: c for c in scaling if (c["G"], c["max_new_tokens"]) == (G, T)}
+            cols = [f"{row[t]['median_step_s']:.3f} | {row[t]['peak_rss_mb']:.0f}" if t in row else " | "
+                    for t in tools]
+            ratios = [f"{row['policyopt']['median_step_s'] / row[t]['median_step_s']:.2f}"
+                      if "policyopt" in row and t in row else "" for t in tools[1:]]
+            lines.append(f"| {G} | {T} | " + " | ".join(cols) + "".join(f" | {r}" for r in ratios) + " |")
     return "\n".join(lines)
 
 
@@ -619,9 +624,9 @@ def main() -> int:
     parser.add_argument("--skip-bare", action="store_true")
     parser.add_argument("--skip-defaults", action="store_true", help="only the same-settings comparison")
     parser.add_argument("--scaling", action="store_true",
-                        help="also G in {4,8,16} x answer length in {16,64,256} on the small model (policyopt)")
-    parser.add_argument("--scaling-tools", nargs="+", default=["policyopt"], choices=["policyopt", "trl", "bare"])
-    parser.add_argument("--scaling-steps", type=int, default=3)
+                        help="also G in {4,8,16} x answer length in {16,64,256} on the small model, for --scaling-tools")
+    parser.add_argument("--scaling-tools", nargs="+", default=["policyopt", "trl"], choices=["policyopt", "trl", "bare"])
+    parser.add_argument("--scaling-steps", type=int, default=10, help="measured steps per scaling cell (after --warmup)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch/OpenMP threads per worker (default: torch's own choice). On a shared CPU use 1: "
                              "OpenMP threads fighting other processes for cores make every tool tens of times slower")
@@ -660,14 +665,14 @@ def main() -> int:
                         continue
                     results["cells"].append(run_cell(workdir, tool, settings, workload, model, facts, args))
     if args.scaling:
-        saved = (args.steps, args.warmup)
-        args.steps, args.warmup = args.scaling_steps, 1
-        for tool in args.scaling_tools:
+        saved = args.steps
+        args.steps = args.scaling_steps
+        for tool in [t for t in args.scaling_tools if t in tools]:
             for G in (4, 8, 16):
                 for T in (16, 64, 256):
                     results["cells"].append(run_cell(workdir, tool, "same", "a", "small", facts, args, G=G,
                                                      max_new_tokens=T, tag=f"-scal-G{G}-T{T}"))
-        args.steps, args.warmup = saved
+        args.steps = saved
     results["load_average_end"] = os.getloadavg()
     table = markdown(results)
     results["markdown"] = table
