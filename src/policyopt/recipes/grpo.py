@@ -39,7 +39,7 @@ from ..data.batching import decode_completions, encode_prompts
 from ..data.loading import prompt_text
 from ..data.sources import DataConfig, PromptSource
 from ..evaluation import evaluate, headline
-from ..models.forward import grouped_logprobs
+from ..models.forward import FORWARD_LAYOUTS, grouped_logprobs
 from ..models.loading import autocast_context, frozen_copy, load_causal_lm
 from ..models.setup import ModelConfig, describe, forward_autocast, load_or_build
 from ..rewards.combine import RewardSpec, score_completions
@@ -91,9 +91,11 @@ class GRPOConfig:
     scale_rewards: bool = True  # divide by the group std (False: Dr. GRPO's mean-only baseline)
     advantage_eps: float = 1e-4
     loss_aggregation: str = "seq_mean_token_mean"  # or token_mean (DAPO), seq_sum_constant (Dr. GRPO)
-    # run each prompt once per group in training and share its KV cache among the G answers (same
-    # gradient, fewer tokens); turn off for a model whose forward takes no KV cache
-    share_prompt: bool = True
+    # the training forward (all give the same gradient; see models.forward.grouped_logprobs):
+    # packed = one row per prompt, its answers back to back under a block mask, no padding;
+    # shared = the prompt once, its KV cache gathered per answer; padded = [prompt | answer] per answer;
+    # auto = packed or shared, whichever costs less for the batch at hand
+    forward_layout: str = "auto"
 
     # optimizer (steps counted in optimizer steps)
     lr: float = 5e-4
@@ -139,6 +141,8 @@ class GRPOConfig:
                              f"got {self.loss_aggregation!r}")
         if self.reward_on_error not in ("raise", "skip"):
             raise ValueError(f"reward_on_error must be raise or skip, got {self.reward_on_error!r}")
+        if self.forward_layout not in FORWARD_LAYOUTS:
+            raise ValueError(f"forward_layout must be one of {', '.join(FORWARD_LAYOUTS)}; got {self.forward_layout!r}")
         if not self.rewards:
             raise ValueError("rewards must name at least one reward function")
         if self.eval_every < 0 or self.save_every < 0 or self.keep_last < 1:
@@ -259,7 +263,7 @@ def run_grpo(config: GRPOConfig) -> dict:
                 # log pi(o_t | q, o_<t) for answer `rows`: [len(rows), T'], each prompt run once per group
                 with autocast_context(device, amp_dtype):
                     return grouped_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, rows,
-                                            G, config.sampling.temperature, with_entropy, config.share_prompt)
+                                            G, config.sampling.temperature, with_entropy, config.forward_layout)
 
             # pi_old log-probs are needed only once the policy moves before the last update; with one
             # update per rollout, pi_old = pi_theta.detach() and no extra forward pass is spent.
