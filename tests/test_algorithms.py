@@ -19,6 +19,7 @@ from policyopt.algorithms import (
     masked_mean,
     selective_log_softmax,
     selective_log_softmax_and_entropy,
+    gather_logprobs,
     token_entropy,
     whiten,
     zero_std_group_fraction,
@@ -386,3 +387,38 @@ def test_selective_log_softmax_and_entropy_equals_the_separate_functions():
     assert logp_b.dtype == torch.float32
     close(logp_b, selective_log_softmax(lb.float(), tokens), atol=1e-5)
     close(entropy_b, token_entropy(lb.float()), atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk_elements", [7, 1 << 24])  # several chunks (one row each) and a single one
+def test_gather_logprobs_values_gradients_and_entropy(monkeypatch, chunk_elements):
+    from policyopt.algorithms import losses
+
+    monkeypatch.setattr(losses, "GATHER_CHUNK_ELEMENTS", chunk_elements)
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 7, generator=g, dtype=torch.float64) * 2
+    logits[3, :2] = float("-inf")  # masked vocabulary entries
+    columns = torch.tensor([0, 0, 0, 2, 3, 4, 4])  # column 0 serves three tokens, column 1 none
+    tokens = torch.tensor([1, 5, 1, 6, 2, 0, 3])
+    weights = torch.randn(len(columns), generator=g, dtype=torch.float64)
+    for tau in (1.0, 0.7):
+        z = logits.clone().requires_grad_(True)
+        logp, entropy = gather_logprobs(z, columns, tokens, temperature=tau, with_entropy=True)
+        (logp * weights).sum().backward()
+        ref_z = logits.clone().requires_grad_(True)
+        ref = torch.log_softmax(ref_z / tau, dim=-1)[columns, tokens]
+        (ref * weights).sum().backward()
+        close(logp.double(), ref.detach(), atol=1e-6, rtol=1e-6)
+        close(z.grad, ref_z.grad, atol=1e-6, rtol=1e-6)
+        close(entropy.double(), token_entropy(logits / tau), atol=1e-6, rtol=1e-6)
+        assert not entropy.requires_grad
+    # bf16 logits: float32 results and a bf16 gradient, computed in float32 chunk by chunk
+    lb = torch.randn(4, 9, generator=g).to(torch.bfloat16).requires_grad_(True)
+    logp, none = gather_logprobs(lb, torch.tensor([1, 3]), torch.tensor([2, 8]))
+    assert none is None and logp.dtype == torch.float32 and logp.requires_grad
+    logp.sum().backward()
+    assert lb.grad.dtype == torch.bfloat16
+    ref = torch.log_softmax(lb.detach().float(), dim=-1)[torch.tensor([1, 3]), torch.tensor([2, 8])]
+    close(logp, ref, atol=1e-6, rtol=1e-6)
+    # temperature 0 (greedy sampling) scores under the untempered distribution
+    close(gather_logprobs(lb.detach(), torch.tensor([1]), torch.tensor([2]), temperature=0.0)[0], ref[:1],
+          atol=1e-6, rtol=1e-6)

@@ -132,3 +132,30 @@ def test_non_finite_updates_are_skipped_then_stop_the_run(tmp_path, reward_file,
     newest = list_checkpoints(out / "checkpoints")[-1]
     model = AutoModelForCausalLM.from_pretrained(newest)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_micro_batches_respect_the_token_budget_and_skips():
+    from policyopt.recipes.grpo import _micro_batches
+
+    rows = torch.arange(8)
+    tokens = torch.tensor([5, 5, 5, 5, 9, 1, 1, 12])
+    chunks = _micro_batches(rows, 1, tokens, 10)
+    assert [c.tolist() for c in chunks] == [[0, 1], [2, 3], [4, 5], [6], [7]]  # one row over budget runs alone
+    assert [c.tolist() for c in _micro_batches(rows, 2, tokens, 0)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    skip = torch.tensor([False, True, True, True, False, False, False, False])
+    assert [c.tolist() for c in _micro_batches(rows, 2, tokens, 10, skip)] == [[0], [4, 5], [6], [7]]
+
+
+def test_token_budget_gives_the_same_update(tmp_path, reward_file):
+    # one forward per step, or many small ones: the same loss, KL and gradient (its norm) at step 1.
+    # (Later steps are not compared: Adam turns float-rounding differences in near-zero gradients
+    # into different weights, and then different samples.)
+    records = []
+    for budget in (0, 20):
+        out = tmp_path / f"b{budget}"
+        cfg = _config(tmp_path, reward_file, output_dir=str(out), steps=1, eval_every=0, beta=0.1,
+                      tensorboard=False, max_tokens_per_forward=budget)
+        run_grpo(cfg)
+        records.append(next(r for r in read_metrics(out / "metrics.jsonl") if "loss" in r))
+    for key in ("loss", "grad_norm", "kl", "entropy", "clip_fraction", "reward/mean"):
+        assert records[0][key] == pytest.approx(records[1][key], rel=1e-5, abs=1e-7), key

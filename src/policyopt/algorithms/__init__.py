@@ -9,6 +9,7 @@ from .losses import (
     clipped_value_loss,
     selective_log_softmax,
     selective_log_softmax_and_entropy,
+    gather_logprobs,
     token_entropy,
 )
 
@@ -26,6 +27,7 @@ __all__ = [
     "token_entropy",
     "selective_log_softmax",
     "selective_log_softmax_and_entropy",
+    "gather_logprobs",
     "LOSS_AGGREGATIONS",
     "aggregate_loss",
     "masked_mean",

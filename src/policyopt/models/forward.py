@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from ..algorithms.losses import selective_log_softmax, selective_log_softmax_and_entropy
+from ..algorithms.losses import gather_logprobs
 from .loading import cache_keyword
 
 
@@ -15,13 +15,18 @@ def trim_padding(prompt_ids, prompt_mask, completion_ids, completion_mask):
 
 
 def token_logprobs(logits, tokens, temperature: float, with_entropy: bool):
-    """(log-probabilities of ``tokens`` under logits / temperature, per-token entropy or None)."""
-    logits = logits.float()
-    if temperature > 0 and temperature != 1:
-        logits = logits / temperature
-    if not with_entropy:
-        return selective_log_softmax(logits, tokens), None
-    return selective_log_softmax_and_entropy(logits, tokens)
+    """(log-probabilities of ``tokens`` under logits / temperature, per-token entropy or None), [R, T] each.
+
+    logits: [R, S, V] with S >= T, column t predicting tokens[:, t] (trailing columns are ignored, so a
+    model's ``logits_to_keep=T + 1`` output is passed as is, without a copy). See ``gather_logprobs``.
+    """
+    R, S, V = logits.shape
+    T = tokens.size(1)
+    columns = (torch.arange(R, device=logits.device)[:, None] * S
+               + torch.arange(T, device=logits.device)[None]).flatten()
+    logp, column_entropy = gather_logprobs(logits.reshape(R * S, V), columns, tokens.flatten(), temperature,
+                                           with_entropy)
+    return logp.view(R, T), (column_entropy[columns].view(R, T) if with_entropy else None)
 
 
 def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask,
@@ -41,7 +46,7 @@ def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completi
         attention_mask=attention_mask,
         position_ids=position_ids,
         logits_to_keep=completion_len + 1,
-    ).logits[:, :-1]  # position t predicts completion token t
+    ).logits  # [N, T + 1, V]: column t predicts completion token t, the last column is unused
     return token_logprobs(logits, completion_ids, temperature, with_entropy)
 
 
@@ -69,7 +74,10 @@ def shared_prompt_logprobs(model, prompt_ids, prompt_mask, row_prompt, completio
     positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True,
                 logits_to_keep=1, **{cache_kw: cache})
-    logits = out.logits[:, -1][row_prompt][:, None]  # [M, 1, V]: the prompt's last position predicts token 0
+    # the prompt's last position predicts token 0 of each of its answers
+    first_logp, first_entropy = gather_logprobs(out.logits[:, -1], row_prompt, completion_ids[:, 0], temperature,
+                                                with_entropy)
+    logp, entropy = first_logp[:, None], (first_entropy[row_prompt][:, None] if with_entropy else None)
     completion_len = completion_ids.size(1)
     if completion_len > 1:
         cache.batch_select_indices(row_prompt)
@@ -77,9 +85,11 @@ def shared_prompt_logprobs(model, prompt_ids, prompt_mask, row_prompt, completio
         attention_mask = torch.cat([prompt_mask[row_prompt], completion_mask[:, :-1]], dim=1)
         position_ids = positions[row_prompt, -1:] + 1 + torch.arange(completion_len - 1, device=inputs.device)
         rest = model(input_ids=inputs, attention_mask=attention_mask, position_ids=position_ids,
-                     use_cache=True, **{cache_kw: cache}).logits
-        logits = torch.cat([logits, rest], dim=1)  # [M, T, V]
-    return token_logprobs(logits, completion_ids, temperature, with_entropy)
+                     use_cache=True, **{cache_kw: cache}).logits  # [M, T - 1, V]
+        rest_logp, rest_entropy = token_logprobs(rest, completion_ids[:, 1:], temperature, with_entropy)
+        logp = torch.cat([logp, rest_logp], dim=1)
+        entropy = torch.cat([entropy, rest_entropy], dim=1) if with_entropy else None
+    return logp, entropy
 
 
 def packed_group_logprobs(model, prompt_ids, prompt_mask, row_prompt, completion_ids, completion_mask,
@@ -134,21 +144,18 @@ def packed_group_logprobs(model, prompt_ids, prompt_mask, row_prompt, completion
     mask = _attention_mask_for(model, visible[:, None])
 
     logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                   logits_to_keep=L - P + 1).logits.float()  # [B, L - P + 1, V]: columns P-1 .. L-1
-    if temperature > 0 and temperature != 1:
-        logits = logits / temperature
+                   logits_to_keep=L - P + 1).logits  # [B, L - P + 1, V]: columns P-1 .. L-1
     # answer token t is predicted by its previous column; token 0 by the prompt's last column (kept index 0)
     predictor = torch.where(t > 0, col - (P - 1) - 1, 0)
-    lse = torch.logsumexp(logits, dim=-1)  # [B, L - P + 1]
-    tokens = completion_ids[answer, t]
-    picked = logits[row, predictor, tokens] - lse[row, predictor]
+    kept = L - P + 1
+    columns = row * kept + predictor
+    picked, column_entropy = gather_logprobs(logits.reshape(B * kept, -1), columns, completion_ids[answer, t],
+                                             temperature, with_entropy)
     logp = torch.zeros(M, T, dtype=picked.dtype, device=device).index_put((answer, t), picked)
     if not with_entropy:
         return logp, None
-    with torch.no_grad():
-        column_entropy = lse - torch.einsum("...v,...v->...", torch.softmax(logits, dim=-1), logits)
-        entropy = torch.zeros(M, T, dtype=logp.dtype, device=device)
-        entropy[answer, t] = column_entropy[row, predictor]
+    entropy = torch.zeros(M, T, dtype=picked.dtype, device=device)
+    entropy[answer, t] = column_entropy[columns]
     return logp, entropy
 
 

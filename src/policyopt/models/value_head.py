@@ -60,8 +60,8 @@ class PolicyAndValue(nn.Module):
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                           logits_to_keep=T + 1, output_hidden_states=self.value_model is None)
-        # position t predicts completion token t
-        logp, entropy = token_logprobs(out.logits[:, :-1], completion_ids, temperature, with_entropy)
+        # column t predicts completion token t (the last column is unused)
+        logp, entropy = token_logprobs(out.logits, completion_ids, temperature, with_entropy)
         if self.value_model is None:
             hidden = out.hidden_states[-1][:, -(T + 1):-1]  # the final (normed) hidden state the LM head reads
             values = self.value_head(hidden.float()).squeeze(-1).float()  # fp32 even under autocast

@@ -83,6 +83,9 @@ class GRPOConfig:
     num_iterations: int = 1  # mu: optimisation passes over each rollout batch
     minibatch_size: int | None = None  # answers per optimizer step; null: the whole rollout batch
     grad_accum_steps: int = 1  # micro-batches per optimizer step (same gradient, less memory)
+    # forward passes are further split so that none runs more than this many prompt + answer tokens
+    # (same gradient; bounds activation memory for long answers and large groups); 0: no limit
+    max_tokens_per_forward: int = 8192
 
     # objective
     beta: float = 0.0  # KL coefficient; 0 skips the reference model entirely
@@ -123,6 +126,8 @@ class GRPOConfig:
         for name in ("steps", "prompts_per_step", "num_iterations", "grad_accum_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_tokens_per_forward < 0:
+            raise ValueError(f"max_tokens_per_forward must be >= 0 (0: no limit), got {self.max_tokens_per_forward}")
         rollout = self.prompts_per_step * self.group_size
         minibatch = self.minibatch_size or rollout
         if minibatch < 1 or rollout % minibatch:
@@ -259,6 +264,9 @@ def run_grpo(config: GRPOConfig) -> dict:
             minibatch = config.minibatch_size or n
             off_policy = config.num_iterations > 1 or minibatch < n
 
+            # tokens one answer costs in a forward: its own, plus its prompt (an upper bound when shared)
+            row_tokens = completion_mask.sum(1) + prompt_mask.sum(1).repeat_interleave(G)
+
             def logprobs(model, rows, with_entropy=False):
                 # log pi(o_t | q, o_<t) for answer `rows`: [len(rows), T'], each prompt run once per group
                 with autocast_context(device, amp_dtype):
@@ -268,8 +276,9 @@ def run_grpo(config: GRPOConfig) -> dict:
             # pi_old log-probs are needed only once the policy moves before the last update; with one
             # update per rollout, pi_old = pi_theta.detach() and no extra forward pass is spent.
             with torch.no_grad():
-                old_logp = _logprobs_in_chunks(logprobs, policy, n, minibatch) if off_policy else None
-                ref_logp = _logprobs_in_chunks(logprobs, reference, n, minibatch) if reference is not None else None
+                chunks = _micro_batches(torch.arange(n, device=device), 1, row_tokens, config.max_tokens_per_forward)
+                old_logp = _logprobs_in_chunks(logprobs, policy, chunks) if off_policy else None
+                ref_logp = _logprobs_in_chunks(logprobs, reference, chunks) if reference is not None else None
 
             # 5. mu optimisation passes over minibatches.
             policy.train()
@@ -281,13 +290,11 @@ def run_grpo(config: GRPOConfig) -> dict:
                     mb_sequences = minibatch
                     mb_tokens = float(completion_mask[mb_rows].sum())
                     loss_value = 0.0
-                    for micro_rows in mb_rows.chunk(config.grad_accum_steps):
-                        if reference is None:
-                            # Zero-advantage answers add nothing to the gradient when there is no KL term:
-                            # skip their forward/backward. The normaliser keeps the whole minibatch's counts.
-                            micro_rows = micro_rows[advantages[micro_rows] != 0]
-                            if micro_rows.numel() == 0:
-                                continue
+                    for micro_rows in _micro_batches(mb_rows, config.grad_accum_steps, row_tokens,
+                                                     config.max_tokens_per_forward,
+                                                     skip=(advantages == 0) if reference is None else None):
+                        # (Zero-advantage answers add nothing to the gradient when there is no KL term, so
+                        # they are skipped; the normaliser keeps the whole minibatch's counts.)
                         logp, entropy = logprobs(policy, micro_rows, with_entropy=True)
                         width = logp.size(1)
                         mask_c = completion_mask[micro_rows, :width]
@@ -382,11 +389,35 @@ def run_grpo(config: GRPOConfig) -> dict:
     return summary
 
 
-def _logprobs_in_chunks(logprobs, model, n: int, chunk: int) -> torch.Tensor:
-    """log-probs of every completion token of ``model``, [N, T'], ``chunk`` rows at a time (no grad)."""
-    parts = [logprobs(model, torch.arange(start, min(start + chunk, n)))[0] for start in range(0, n, chunk)]
+def _logprobs_in_chunks(logprobs, model, chunks: list[torch.Tensor]) -> torch.Tensor:
+    """log-probs of every completion token of ``model``, [N, T'], one forward per row chunk (no grad)."""
+    parts = [logprobs(model, rows)[0] for rows in chunks]
     width = max(p.size(1) for p in parts)
     return torch.cat([torch.nn.functional.pad(p, (0, width - p.size(1))) for p in parts])
+
+
+def _micro_batches(rows: torch.Tensor, pieces: int, row_tokens: torch.Tensor, max_tokens: int,
+                   skip: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Split ``rows`` into ``pieces`` equal micro-batches, drop the ``skip``ped rows, then cut each so that
+    its rows' ``row_tokens`` sum to at most ``max_tokens`` (0: no cut). Order is kept, so the answers of
+    one prompt stay together and its prompt is run once per micro-batch it spans."""
+    out = []
+    for piece in rows.chunk(pieces):
+        if skip is not None:
+            piece = piece[~skip[piece]]
+        if piece.numel() == 0:
+            continue
+        if not max_tokens:
+            out.append(piece)
+            continue
+        start, total = 0, 0
+        for i, tokens in enumerate(row_tokens[piece].tolist()):
+            if total and total + tokens > max_tokens:
+                out.append(piece[start:i])
+                start, total = i, 0
+            total += tokens
+        out.append(piece[start:])
+    return out
 
 
 def _nanstd(values: torch.Tensor) -> float:
