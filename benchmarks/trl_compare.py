@@ -623,6 +623,7 @@ def main() -> int:
     parser.add_argument("--skip-trl", action="store_true")
     parser.add_argument("--skip-bare", action="store_true")
     parser.add_argument("--skip-defaults", action="store_true", help="only the same-settings comparison")
+    parser.add_argument("--skip-same", action="store_true", help="only the each-tool's-defaults comparison")
     parser.add_argument("--scaling", action="store_true",
                         help="also G in {4,8,16} x answer length in {16,64,256} on the small model, for --scaling-tools")
     parser.add_argument("--scaling-tools", nargs="+", default=["policyopt", "trl"], choices=["policyopt", "trl", "bare"])
@@ -656,10 +657,11 @@ def main() -> int:
     tools = ["policyopt"] + ([] if args.skip_trl else ["trl"]) + ([] if args.skip_bare else ["bare"])
     results = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "models": facts,
                "settings": {k: v for k, v in vars(args).items()}, "cpu_count": os.cpu_count(),
-               "load_average_start": os.getloadavg(), "cells": []}
+               "load_average_start": os.getloadavg(), "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA"),
+               "cells": []}
     for workload in workloads:
         for model in models:
-            for settings in ["same"] + ([] if args.skip_defaults else ["defaults"]):
+            for settings in ([] if args.skip_same else ["same"]) + ([] if args.skip_defaults else ["defaults"]):
                 for tool in tools:
                     if tool == "bare" and settings == "defaults":
                         continue

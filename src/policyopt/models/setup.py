@@ -21,7 +21,7 @@ class ModelConfig:
     name_or_path: str | None = None
     tokenizer: str | None = None  # defaults to name_or_path
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on GPUs that support it
-    # forward passes under autocast: auto = bf16 on CPUs with AMX bf16 units for models with hidden
+    # forward passes under autocast: auto = bf16 on CPUs with fast bf16 units (AMX) for models with hidden
     # size >= 256 when dtype is auto (weights and optimizer stay fp32); off; bfloat16; float16
     autocast: str = "auto"
     device: str = "auto"
