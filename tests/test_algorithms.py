@@ -18,7 +18,6 @@ from policyopt.algorithms import (
     kl_k3,
     masked_mean,
     selective_log_softmax,
-    selective_log_softmax_and_entropy,
     gather_logprobs,
     token_entropy,
     whiten,
@@ -365,28 +364,6 @@ def test_masked_mean():
     close(masked_mean(v, m), t(2.0))
     close(masked_mean(v, m, dim=-1), [2.0, 0.0])
     close(masked_mean(v, torch.tensor([[0, 0, 0], [1, 1, 0]]), dim=0), [4.0, 5.0, 0.0])
-
-
-def test_selective_log_softmax_and_entropy_equals_the_separate_functions():
-    g = torch.Generator().manual_seed(0)
-    logits = torch.randn(3, 4, 50, generator=g, dtype=torch.float64) * 3
-    logits[1, 2, :10] = float("-inf")  # masked vocabulary entries in one position
-    tokens = torch.randint(10, 50, (3, 4), generator=g)
-    z = logits.clone().requires_grad_(True)
-    logp, entropy = selective_log_softmax_and_entropy(z, tokens)
-    close(logp, selective_log_softmax(logits, tokens))
-    close(entropy, token_entropy(logits))
-    assert torch.isfinite(entropy).all() and not entropy.requires_grad
-    logp.sum().backward()
-    z2 = logits.clone().requires_grad_(True)
-    selective_log_softmax(z2, tokens).sum().backward()
-    close(z.grad, z2.grad)
-    # bfloat16 logits: float32 result, same values as the float32 computation on the rounded logits
-    lb = logits.clamp(min=-1e4).to(torch.bfloat16)
-    logp_b, entropy_b = selective_log_softmax_and_entropy(lb, tokens)
-    assert logp_b.dtype == torch.float32
-    close(logp_b, selective_log_softmax(lb.float(), tokens), atol=1e-5)
-    close(entropy_b, token_entropy(lb.float()), atol=1e-5)
 
 
 @pytest.mark.parametrize("chunk_elements", [7, 1 << 24])  # several chunks (one row each) and a single one

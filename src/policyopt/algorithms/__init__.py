@@ -8,7 +8,6 @@ from .losses import (
     clipped_surrogate,
     clipped_value_loss,
     selective_log_softmax,
-    selective_log_softmax_and_entropy,
     gather_logprobs,
     token_entropy,
 )
@@ -26,7 +25,6 @@ __all__ = [
     "bradley_terry_loss",
     "token_entropy",
     "selective_log_softmax",
-    "selective_log_softmax_and_entropy",
     "gather_logprobs",
     "LOSS_AGGREGATIONS",
     "aggregate_loss",
