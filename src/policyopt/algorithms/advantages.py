@@ -10,7 +10,13 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["group_advantages", "zero_std_group_fraction", "whiten", "gae_advantages"]
+from .registry import Registry
+
+# outcome advantage estimators: (rewards [N], group_size, scale, eps) -> one advantage per answer [N],
+# broadcast over its tokens by the trainer
+ADVANTAGE_ESTIMATORS = Registry("advantage estimator")
+
+__all__ = ["ADVANTAGE_ESTIMATORS", "group_advantages", "zero_std_group_fraction", "whiten", "gae_advantages"]
 
 
 def _check_groups(rewards: Tensor, group_size: int, *, min_group_size: int) -> int:
@@ -55,6 +61,7 @@ def _group_stats(grouped: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     return valid, mean, std, zero_spread
 
 
+@ADVANTAGE_ESTIMATORS.register("grpo")
 def group_advantages(rewards: Tensor, group_size: int, *, scale: bool = True, eps: float = 1e-4) -> Tensor:
     """GRPO group-relative advantages (outcome supervision).
 

@@ -13,11 +13,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["kl_k1", "kl_k2", "kl_k3", "K3_LOG_RATIO_CLAMP"]
+from .registry import Registry
+
+__all__ = ["KL_ESTIMATORS", "kl_k1", "kl_k2", "kl_k3", "K3_LOG_RATIO_CLAMP"]
+
+# every estimator takes (logp, ref_logp) of the sampled tokens and returns a per-token estimate
+KL_ESTIMATORS = Registry("KL estimator")
 
 K3_LOG_RATIO_CLAMP = 20.0
 
 
+@KL_ESTIMATORS.register("k1")
 def kl_k1(logp: Tensor, ref_logp: Tensor) -> Tensor:
     """k1 estimator:  k1 = -log_ratio = logp - ref_logp.
 
@@ -27,6 +33,7 @@ def kl_k1(logp: Tensor, ref_logp: Tensor) -> Tensor:
     return logp - ref_logp
 
 
+@KL_ESTIMATORS.register("k2")
 def kl_k2(logp: Tensor, ref_logp: Tensor) -> Tensor:
     """k2 estimator:  k2 = 0.5 * log_ratio^2,  log_ratio = ref_logp - logp.
 
@@ -39,6 +46,7 @@ def kl_k2(logp: Tensor, ref_logp: Tensor) -> Tensor:
     return 0.5 * log_ratio * log_ratio
 
 
+@KL_ESTIMATORS.register("k3")
 def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
     """k3 estimator (the GRPO KL term):  k3 = exp(log_ratio) - log_ratio - 1,  log_ratio = ref_logp - logp.
 

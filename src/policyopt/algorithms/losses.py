@@ -8,7 +8,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .registry import Registry
+
+# every policy loss takes (logp, old_logp, advantages, eps_low, eps_high) and returns
+# (per-token loss [B, T], clipped [B, T] bool): the tokens whose gradient clipping removed
+POLICY_LOSSES = Registry("policy loss")
+
 __all__ = [
+    "POLICY_LOSSES",
     "clipped_surrogate",
     "clipped_value_loss",
     "bradley_terry_loss",
@@ -18,6 +25,7 @@ __all__ = [
 ]
 
 
+@POLICY_LOSSES.register("ppo_clip")
 def clipped_surrogate(
     logp: Tensor,
     old_logp: Tensor,

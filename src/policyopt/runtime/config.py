@@ -53,6 +53,11 @@ def _coerce(value: Any, tp: Any, key: str, base: Any = None) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{key} must be a mapping of {_type_name(tp)} fields, got {value!r}")
         return _build(tp, value, prefix=f"{key}.", base=base)
+    if origin is typing.Literal:
+        choices = typing.get_args(tp)
+        if value in choices and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}; got {value!r}")
     if tp is Any:
         return value
     if tp is bool:

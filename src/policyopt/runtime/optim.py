@@ -2,10 +2,33 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 from transformers import get_scheduler
 
-LR_SCHEDULES = ("linear", "cosine", "constant_with_warmup")
+LRSchedule = Literal["linear", "cosine", "constant_with_warmup"]
+LR_SCHEDULES = LRSchedule.__args__
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its learning-rate schedule: one section, the same in every recipe."""
+
+    lr: float = 5e-4  # peak learning rate
+    lr_schedule: LRSchedule = "linear"  # decay after warmup: linear or cosine to 0, or constant_with_warmup
+    warmup_steps: int = 10  # optimizer steps of linear warmup from 0 to lr
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay (never applied to norms and biases)
+    max_grad_norm: float = 1.0  # the global gradient norm is clipped to this before each step
+
+    def validate(self) -> None:
+        check_optim("optim.", self.lr, self.warmup_steps, self.weight_decay, self.max_grad_norm)
+
+    def build(self, model: torch.nn.Module, total_steps: int):
+        """(AdamW over ``model``'s trainable parameters, its scheduler over ``total_steps`` optimizer steps)."""
+        optimizer = build_optimizer(model, self.lr, self.weight_decay)
+        return optimizer, build_scheduler(optimizer, self.lr_schedule, self.warmup_steps, total_steps)
 
 
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
@@ -43,6 +66,28 @@ def check_optim(prefix: str, lr: float, warmup_steps: int, weight_decay: float, 
 
 class NonFiniteUpdates(RuntimeError):
     """Too many optimizer updates in a row had a NaN/inf loss or gradient."""
+
+
+class UpdateGuard:
+    """Counts skipped (non-finite) updates in a row and stops the run after ``limit`` of them.
+
+    Its count is part of a checkpoint, so a resumed run stops exactly where the uninterrupted one would.
+    """
+
+    def __init__(self, limit: int):
+        self.limit, self.bad_in_a_row = limit, 0
+
+    def record(self, applied: bool, where: str) -> None:
+        self.bad_in_a_row = 0 if applied else self.bad_in_a_row + 1
+        if self.bad_in_a_row >= self.limit:
+            raise NonFiniteUpdates(f"{where}: {self.bad_in_a_row} optimizer updates in a row had a non-finite "
+                                   "loss or gradient; stopping. The last good checkpoint is intact")
+
+    def state_dict(self) -> dict:
+        return {"bad_in_a_row": self.bad_in_a_row}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.bad_in_a_row = state["bad_in_a_row"]
 
 
 def apply_update(model: torch.nn.Module, optimizer, scheduler, loss_value: float, max_grad_norm: float):
