@@ -31,7 +31,7 @@ def reward_file(tmp_path):
 
 def _config(tmp_path, reward, **overrides):
     data = {"output_dir": str(tmp_path / "run"), "steps": 25, "prompts_per_step": 16, "group_size": 8,
-            "lr": 1e-2, "warmup_steps": 0, "eval_every": 10, "tensorboard": True,
+            "optim": {"lr": 1e-2, "warmup_steps": 0}, "eval_every": 10, "tensorboard": True,
             "rewards": [{"function": reward}], "sampling": {"max_new_tokens": 6},
             "data": {"eval_size": 32}, "model": {"tiny": TINY}}
     data.update(overrides)
@@ -69,7 +69,7 @@ def test_reward_rises_and_outputs_are_written(tmp_path, reward_file):
 
 
 def test_kl_minibatches_and_multiple_iterations(tmp_path, reward_file):
-    cfg = _config(tmp_path, reward_file, steps=2, eval_every=0, beta=0.1, num_iterations=2, minibatch_size=32,
+    cfg = _config(tmp_path, reward_file, steps=2, eval_every=0, beta=0.1, update_epochs=2, num_minibatches=4,
                   grad_accum_steps=2, loss_aggregation="token_mean", tensorboard=False)
     run_grpo(cfg)
     records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
@@ -135,7 +135,7 @@ def test_non_finite_updates_are_skipped_then_stop_the_run(tmp_path, reward_file,
 
 
 def test_micro_batches_respect_the_token_budget_and_skips():
-    from policyopt.recipes.grpo import _micro_batches
+    from policyopt.models.forward import split_rows as _micro_batches
 
     rows = torch.arange(8)
     tokens = torch.tensor([5, 5, 5, 5, 9, 1, 1, 12])

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from policyopt.algorithms import gae_advantages, whiten
-from policyopt.algorithms.ppo import adaptive_kl_coef, explained_variance, kl_shaped_rewards, last_token_index
+from policyopt.algorithms import adaptive_kl_coef, explained_variance, kl_shaped_rewards, last_token_index
 from policyopt.cli import main
 from policyopt.models.forward import completion_logprobs
 from policyopt.models.reward_model import scalar_model_from_causal_lm
@@ -197,7 +197,7 @@ def reward_file(tmp_path):
 
 
 def _config(tmp_path, reward, **overrides):
-    data = {"output_dir": str(tmp_path / "run"), "steps": 25, "prompts_per_step": 64, "lr": 1e-2, "warmup_steps": 0,
+    data = {"output_dir": str(tmp_path / "run"), "steps": 25, "prompts_per_step": 64, "optim": {"lr": 1e-2, "warmup_steps": 0},
             "eval_every": 10, "tensorboard": False, "rewards": [{"function": reward}],
             "sampling": {"max_new_tokens": 6}, "data": {"eval_size": 32}, "model": {"tiny": TINY}}
     data.update(overrides)
@@ -217,7 +217,8 @@ def test_ppo_reward_rises_and_logs_everything(tmp_path, reward_file):
                 "value_loss", "policy_loss", "explained_variance", "entropy", "approx_kl", "seconds_per_step",
                 "tokens_per_second", "completion_length", "reward/starts_with_digit/mean"):
         assert key in records[0], key
-    assert records[0]["kl"] == 0.0  # pi_old = pi_ref before the first update
+    # pi_old = pi_ref before the first update (up to the rounding of two different forwards; see below)
+    assert records[0]["kl"] == pytest.approx(0.0, abs=1e-5)
     assert any(r["kl"] > 0 for r in records[1:])
     assert all(r["approx_kl"] >= 0 and 0 <= r["clip_fraction"] <= 1 for r in records)
     assert any("eval/reward" in r for r in read_metrics(out / "metrics.jsonl") if 0 < r["step"] < 25)
@@ -238,7 +239,11 @@ def test_ppo_separate_value_model_adaptive_kl_and_eos_penalty(tmp_path, reward_f
         assert r["score"] == pytest.approx(r["reward/mean"] - 2.0 * (1 - r["frac_finished"]), abs=1e-5)
     # beta follows the controller from each step's measured KL (n = 16 answers = the horizon)
     assert records[0]["kl_coef"] == pytest.approx(0.1)
-    assert records[0]["kl"] == 0.0 and records[1]["kl_coef"] == pytest.approx(0.08)  # KL 0 < target: -20%
+    # pi_old = pi_ref at step 1, but the two come from different forwards (the policy-and-value module, the
+    # plain reference LM), whose kernels may round differently by CPU: ~6e-8 was seen on an AMD EPYC
+    # for a 2-token sum, so 1e-5 leaves a wide margin while any real policy change is far larger
+    assert records[0]["kl"] == pytest.approx(0.0, abs=1e-5)
+    assert records[1]["kl_coef"] == pytest.approx(0.08)  # KL ~0 < target: -20%
     for previous, current in zip(records, records[1:]):
         assert current["kl_coef"] == pytest.approx(adaptive_kl_coef(previous["kl_coef"], previous["kl"], 0.01, 16, 16))
     assert summary["final_kl_coef"] == pytest.approx(
@@ -267,14 +272,17 @@ def test_ppo_cli(tmp_path, reward_file):
 
 
 def test_separate_value_model_from_a_reward_model_keeps_or_resets_its_head(model, tokenizer, tmp_path):
-    from policyopt.recipes.ppo import _separate_value_model
+    from types import SimpleNamespace
 
+    from policyopt.recipes.ppo import separate_value_model
+
+    actors = SimpleNamespace(policy=model, tokenizer=tokenizer, device=torch.device("cpu"))
     reward_model = scalar_model_from_causal_lm(model, head_init="normal")
     reward_model.save_pretrained(tmp_path / "rm")
     config = PPOConfig(value_model="separate", value_model_path=str(tmp_path / "rm"), value_head_init="keep")
-    kept = _separate_value_model(config, model, tokenizer, torch.device("cpu"))
+    kept = separate_value_model(config, actors)
     torch.testing.assert_close(kept.score.weight, reward_model.score.weight)
     config.value_head_init = "zero"
-    zeroed = _separate_value_model(config, model, tokenizer, torch.device("cpu"))
+    zeroed = separate_value_model(config, actors)
     assert float(zeroed.score.weight.detach().abs().sum()) == 0.0
     torch.testing.assert_close(zeroed.model.embed_tokens.weight, reward_model.model.embed_tokens.weight)

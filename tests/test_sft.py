@@ -12,7 +12,7 @@ TINY = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size":
 
 
 def test_sft_on_builtin_demonstrations_lowers_heldout_nll(tmp_path):
-    cfg = config_from_dict(SFTConfig, {"output_dir": str(tmp_path), "steps": 40, "batch_size": 16, "lr": 5e-3,
+    cfg = config_from_dict(SFTConfig, {"output_dir": str(tmp_path), "steps": 40, "batch_size": 16, "optim": {"lr": 5e-3},
                                        "eval_every": 0, "tensorboard": False, "model": {"tiny": TINY},
                                        "data": {"num_demonstrations": 64, "eval_size": 16}})
     summary = run_sft(cfg)

@@ -5,16 +5,19 @@ from __future__ import annotations
 import torch
 
 from .data.batching import decode_completions, encode_prompts
+from .models.loading import autocast_context
 from .rewards.combine import score_completions
 from .rollout.sampling import SamplingConfig, sample_completions
 
 
 @torch.no_grad()
 def evaluate(model, tokenizer, rows: list[dict], reward_functions, max_new_tokens: int,
-             max_prompt_tokens: int, device, batch_size: int = 256, on_error: str = "raise") -> dict:
+             max_prompt_tokens: int, device, batch_size: int = 256, on_error: str = "raise",
+             autocast: torch.dtype | None = None) -> dict:
     """Mean reward of greedy completions, per function and in total: ``eval/<name>`` and ``eval/reward``.
 
     With the built-in accuracy reward, ``eval/accuracy`` is the fraction of exactly right answers.
+    Forward passes run under ``autocast`` (None: the weights' dtype).
     """
     if not rows:
         return {}
@@ -25,8 +28,8 @@ def evaluate(model, tokenizer, rows: list[dict], reward_functions, max_new_token
         chunk = rows[start: start + batch_size]
         prompts = [r["prompt"] for r in chunk]
         ids, mask, _ = encode_prompts(tokenizer, prompts, max_prompt_tokens, device)
-        rollout = sample_completions(model, ids, mask, 1, greedy, tokenizer.eos_token_id, tokenizer.pad_token_id,
-                                     record_logprobs=False)
+        with autocast_context(device, autocast):
+            rollout = sample_completions(model, ids, mask, 1, greedy, tokenizer.eos_token_id, tokenizer.pad_token_id)
         texts = decode_completions(tokenizer, rollout.completion_ids, rollout.completion_mask)
         columns = {k: [r.get(k) for r in chunk] for k in chunk[0] if k != "prompt"}
         scores = score_completions(reward_functions, prompts, texts, columns, on_error=on_error)
@@ -41,7 +44,3 @@ def evaluate(model, tokenizer, rows: list[dict], reward_functions, max_new_token
     result["eval/completion_length"] = float(torch.cat(lengths).mean())
     return result
 
-
-def headline(metrics: dict) -> float:
-    """The number a summary reports: accuracy when the run has the accuracy reward, else mean reward."""
-    return metrics.get("eval/accuracy", metrics.get("eval/reward", float("nan")))

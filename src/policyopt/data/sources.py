@@ -40,6 +40,40 @@ class DataConfig:
             raise ValueError(f"data.num_demonstrations must be >= 1, got {self.num_demonstrations}")
 
 
+class ShuffledOrder:
+    """Endless passes over ``n`` items, each pass in a fresh order drawn from (seed, epoch).
+
+    Batches run across pass boundaries, and the position is a small state dict, so a resumed run
+    draws exactly the batches the uninterrupted one would have.
+    """
+
+    def __init__(self, n: int, seed: int):
+        if n < 1:
+            raise ValueError("nothing to draw from: the data set is empty")
+        self.n, self.seed = n, seed
+        self.epoch, self.position = 0, 0  # passes completed, items drawn in this pass
+        self._order: list[int] | None = None
+
+    def take(self, k: int) -> list[int]:
+        out: list[int] = []
+        while len(out) < k:
+            if self._order is None:
+                self._order = list(range(self.n))
+                random.Random(self.seed + self.epoch).shuffle(self._order)
+            part = self._order[self.position: self.position + k - len(out)]
+            out += part
+            self.position += len(part)
+            if self.position >= self.n:
+                self.epoch, self.position, self._order = self.epoch + 1, 0, None
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position, self._order = state["epoch"], state["position"], None
+
+
 class PromptSource:
     """Held-out rows plus an endless, seeded stream of training rows."""
 
@@ -64,28 +98,19 @@ class PromptSource:
                 self.eval_rows = [rows[i] for i in order[:held]]
                 self.train_rows = [rows[i] for i in order[held:]]
         self._eval_prompts = {str(r["prompt"]) for r in self.eval_rows}
-        self.epoch = 0
-        self.position = 0  # rows consumed in this epoch (file) or batches drawn so far (built-in)
-        self._order: list[int] | None = None
+        self.batches_drawn = 0  # built-in: each batch's problems come from a seed of (seed, batch)
+        self._order: ShuffledOrder | None = None  # files: passes over the training rows
 
     def next_batch(self, n: int) -> list[dict]:
         if self.builtin:
             # fresh problems each step, from a seed that depends only on (seed, step): resumable
-            rows = make_rows(n, self.config.task, seed=self.seed * 1_000_033 + self.position,
+            rows = make_rows(n, self.config.task, seed=self.seed * 1_000_033 + self.batches_drawn,
                              exclude=self._eval_prompts)
-            self.position += 1
+            self.batches_drawn += 1
             return rows
-        batch = []
-        while len(batch) < n:
-            if self._order is None:
-                self._order = list(range(len(self.train_rows)))
-                random.Random(self.seed + self.epoch).shuffle(self._order)
-            take = self._order[self.position: self.position + n - len(batch)]
-            batch.extend(self.train_rows[i] for i in take)
-            self.position += len(take)
-            if self.position >= len(self._order):
-                self.epoch, self.position, self._order = self.epoch + 1, 0, None
-        return batch
+        if self._order is None:
+            self._order = ShuffledOrder(len(self.train_rows), self.seed)
+        return [self.train_rows[i] for i in self._order.take(n)]
 
     def drop_long_prompts(self, tokenizer) -> int:
         """Apply ``data.long_prompts`` to the training rows; return how many were skipped."""
@@ -96,10 +121,14 @@ class PromptSource:
         return skipped
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
+        return {"batches_drawn": self.batches_drawn,
+                "order": self._order.state_dict() if self._order is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.position, self._order = state["epoch"], state["position"], None
+        self.batches_drawn, self._order = state["batches_drawn"], None
+        if state["order"] is not None:
+            self._order = ShuffledOrder(len(self.train_rows), self.seed)
+            self._order.load_state_dict(state["order"])
 
 
 def demonstration_rows(config: DataConfig, seed: int) -> tuple[list[dict], list[dict]]:

@@ -1,12 +1,96 @@
-"""The policy forward pass used by every trainer: log-probabilities of completion tokens."""
+"""The policy forward pass used by every trainer: log-probabilities of completion tokens.
+
+``forward_rows`` is the one entry point the recipes call (training passes), and ``forward_in_chunks``
+runs it over a whole rollout without gradients (pi_old, pi_ref, V_old). Both take the rollout as a
+``TokenBatch`` (each prompt once, its answers group-contiguous), run under the run's autocast dtype,
+and work for a plain causal LM or for PPO's policy-and-value module.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
 
-from ..algorithms.losses import gather_logprobs
-from .loading import cache_keyword
+from ..algorithms import gather_logprobs
+from .loading import autocast_context, cache_keyword
+
+
+@dataclass
+class TokenBatch:
+    """A rollout's tokens: B prompts once each, and their N = B * group_size answers, group-contiguous."""
+
+    prompt_ids: torch.Tensor  # [B, P] left-padded
+    prompt_mask: torch.Tensor  # [B, P]
+    completion_ids: torch.Tensor  # [N, T] right-padded
+    completion_mask: torch.Tensor  # [N, T] 1 on generated tokens up to and including EOS
+    group_size: int
+
+    def row_tokens(self) -> torch.Tensor:
+        """[N] tokens one answer costs in a forward: its own plus its prompt's (an upper bound when shared)."""
+        return self.completion_mask.sum(1) + self.prompt_mask.sum(1).repeat_interleave(self.group_size)
+
+
+def forward_rows(model, batch: TokenBatch, rows: torch.Tensor, *, temperature: float, layout: str = "auto",
+                 autocast: torch.dtype | None = None, with_entropy: bool = False):
+    """(log pi(o_t | q, o_<t), entropy or None, V(s_t) or None) for answer ``rows``, each [len(rows), T'].
+
+    T' is the longest selected answer. A model that returns values (PPO's ``PolicyAndValue``) runs the
+    padded [prompt | answer] layout and also gives V; a causal LM runs ``grouped_logprobs`` in
+    ``layout``. Logits are divided by ``temperature``, so these are the sampler's log-probabilities.
+    """
+    device = batch.completion_ids.device
+    rows = rows.to(device)
+    with autocast_context(device, autocast):
+        if getattr(model, "returns_values", False):
+            groups = torch.div(rows, batch.group_size, rounding_mode="floor")
+            return model(*_trim_left(batch.prompt_ids[groups], batch.prompt_mask[groups]),
+                         *_trim_right(batch.completion_ids[rows], batch.completion_mask[rows]),
+                         temperature, with_entropy)
+        logp, entropy = grouped_logprobs(model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
+                                         batch.completion_mask, rows, batch.group_size, temperature, with_entropy,
+                                         layout)
+        return logp, entropy, None
+
+
+@torch.no_grad()
+def forward_in_chunks(model, batch: TokenBatch, chunks: list[torch.Tensor], **kwargs):
+    """(log-probs [N, T], values [N, T] or None) of every answer token, one ``forward_rows`` per row chunk."""
+    logp_out = torch.zeros(batch.completion_ids.shape, dtype=torch.float32, device=batch.completion_ids.device)
+    values_out = None
+    for rows in chunks:
+        logp, _, values = forward_rows(model, batch, rows, **kwargs)
+        logp_out[rows, :logp.size(1)] = logp.float()
+        if values is not None:
+            if values_out is None:
+                values_out = torch.zeros_like(logp_out)
+            values_out[rows, :values.size(1)] = values.float()
+    return logp_out, values_out
+
+
+def split_rows(rows: torch.Tensor, pieces: int, row_tokens: torch.Tensor, max_tokens: int,
+               skip: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Split ``rows`` into ``pieces`` equal micro-batches, drop the ``skip``ped rows, then cut each so that
+    its rows' ``row_tokens`` sum to at most ``max_tokens`` (0: no cut). Order is kept, so the answers of
+    one prompt stay together and its prompt is run once per micro-batch it spans."""
+    out = []
+    for piece in rows.chunk(pieces):
+        if skip is not None:
+            piece = piece[~skip[piece]]
+        if piece.numel() == 0:
+            continue
+        if not max_tokens:
+            out.append(piece)
+            continue
+        start, total = 0, 0
+        for i, tokens in enumerate(row_tokens[piece].tolist()):
+            if total and total + tokens > max_tokens:
+                out.append(piece[start:i])
+                start, total = i, 0
+            total += tokens
+        out.append(piece[start:])
+    return out
 
 
 def trim_padding(prompt_ids, prompt_mask, completion_ids, completion_mask):

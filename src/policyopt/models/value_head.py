@@ -29,6 +29,8 @@ VALUE_HEAD_FILE = "value_head.safetensors"
 
 
 class PolicyAndValue(nn.Module):
+    returns_values = True  # models.forward.forward_rows: this module gives V(s_t) beside the log-probs
+
     def __init__(self, policy: nn.Module, value_model: nn.Module | None = None, head_init: str = "zero"):
         super().__init__()
         self.policy = policy
@@ -42,6 +44,10 @@ class PolicyAndValue(nn.Module):
         else:
             self.value_head = None
             reward_head(value_model)  # fail early on a model without a scalar head
+
+    def value_module(self) -> nn.Module:
+        """The critic's own parameters (the head, or the separate model): a checkpoint's value state."""
+        return self.value_head if self.value_model is None else self.value_model
 
     @property
     def layout(self) -> str:

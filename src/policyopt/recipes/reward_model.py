@@ -18,37 +18,28 @@ Read top to bottom: data, model, optimizer, the loop, the final evaluation and o
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import random
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Literal
 
 import torch
-from tqdm.auto import tqdm
 
-from ..algorithms.ppo import grouped_pairwise_loss
+from ..algorithms import grouped_pairwise_loss
 from ..data.arithmetic import ArithmeticTask, make_rows
 from ..data.loading import prompt_text
 from ..data.preferences import (
     BuiltinPreferenceConfig,
     PreferenceColumns,
     PreferenceGroup,
-    builtin_preferences,
     count_pairs,
     load_preference_groups,
     split_groups,
     write_groups,
 )
-from ..data.sources import EVAL_SEED_OFFSET
-from ..models.loading import (
-    load_causal_lm,
-    load_tokenizer,
-    resolve_device,
-    resolve_dtype,
-)
+from ..data.sources import EVAL_SEED_OFFSET, ShuffledOrder
+from ..models.loading import load_causal_lm, load_tokenizer, resolve_device, resolve_dtype
 from ..models.reward_model import (
     encode_for_scoring,
     load_scalar_model,
@@ -58,12 +49,9 @@ from ..models.reward_model import (
     sequence_scores,
 )
 from ..models.setup import ModelConfig, describe, load_or_build
-from ..runtime.checkpoint import save_pretrained_atomic
-from ..runtime.config import save_config
-from ..runtime.metrics import MetricsLogger
-from ..runtime.optim import build_optimizer, build_scheduler, check_optim
-from ..runtime.plots import plot_run
-from ..runtime.seeding import set_seed
+from ..rollout.preferences import builtin_preferences
+from ..runtime.optim import OptimConfig, apply_update
+from ..runtime.run import Run, RunSettings
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +60,10 @@ log = logging.getLogger(__name__)
 class PreferenceDataConfig:
     path: str | None = None  # pairs / rankings file; null: the built-in arithmetic task's labeller
     eval_path: str | None = None  # held-out preferences; null: hold out eval_size prompts of `path`
-    eval_size: int = 200
-    columns: PreferenceColumns = field(default_factory=PreferenceColumns)
-    task: ArithmeticTask = field(default_factory=ArithmeticTask)  # built-in data only
-    builtin: BuiltinPreferenceConfig = field(default_factory=BuiltinPreferenceConfig)
+    eval_size: int = 200  # prompts held out of `path` when eval_path is null
+    columns: PreferenceColumns = field(default_factory=PreferenceColumns)  # column names in the file
+    task: ArithmeticTask = field(default_factory=ArithmeticTask)  # the built-in task (built-in data only)
+    builtin: BuiltinPreferenceConfig = field(default_factory=BuiltinPreferenceConfig)  # the built-in labeller
     heldout_rl_size: int = 200  # built-in: the RL recipes' held-out prompts (same seed) are never used here
 
     def validate(self) -> None:
@@ -86,36 +74,28 @@ class PreferenceDataConfig:
 
 
 @dataclass
-class RewardModelConfig:
-    output_dir: str = "runs/reward"
-    seed: int = 0
+class RewardModelConfig(RunSettings):
+    output_dir: str = "runs/reward"  # where config.yaml, metrics.jsonl, checkpoints/, final/ and summary.json go
     # the backbone: a causal LM (usually the SFT policy) or a reward-model checkpoint; null builds a tiny
     # model and tokenizer on the preference text
     model: ModelConfig = field(default_factory=ModelConfig)
-    data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
-    head_init: str = "normal"  # a fresh head: normal N(0, 1/sqrt(d+1)) or zero; a loaded head is kept
+    data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)  # preferences to learn and hold out
+    head_init: Literal["normal", "zero"] = "normal"  # a fresh head: normal N(0, 1/sqrt(d+1)) or zero; a loaded head is kept
     epochs: float = 1.0  # passes over the training prompts (InstructGPT: 1; more tends to overfit)
     batch_size: int = 32  # prompts per step (each with all its pairs)
     center_rewards_coefficient: float = 0.0  # TRL's; 0.01 is the recommended value when used
     max_length: int = 512  # tokens of prompt + answer + EOS; longer rows lose the start of the prompt
-    lr: float = 1e-3
-    lr_schedule: str = "linear"
-    warmup_steps: int = 10
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    eval_every: int = 50  # 0: only before and after training
-    tensorboard: bool = True
+    eval_every: int = 50  # held-out pairwise accuracy every N steps (0: only before and after training)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3))  # AdamW and its schedule
 
     def validate(self) -> None:
+        super().validate()
         self.model.validate()
         self.data.validate()
-        check_optim("", self.lr, self.warmup_steps, self.weight_decay, self.max_grad_norm)
         if not self.epochs > 0 or self.batch_size < 1 or self.max_length < 2:
             raise ValueError("epochs must be > 0, batch_size >= 1 and max_length >= 2")
-        if self.center_rewards_coefficient < 0 or self.eval_every < 0:
-            raise ValueError("center_rewards_coefficient and eval_every must be >= 0")
-        if self.head_init not in ("normal", "zero"):
-            raise ValueError(f"head_init must be normal or zero, got {self.head_init!r}")
+        if self.center_rewards_coefficient < 0:
+            raise ValueError("center_rewards_coefficient must be >= 0")
 
 
 def _score_answers(model, tokenizer, groups: list[PreferenceGroup], max_length: int, device) -> list[torch.Tensor]:
@@ -166,137 +146,98 @@ def evaluate_pairs(model, tokenizer, groups: list[PreferenceGroup], max_length: 
     return metrics
 
 
-def run_reward_model(config: RewardModelConfig) -> dict:
-    """Train a reward model; returns the summary also written to ``summary.json``."""
-    start_time = time.perf_counter()
-    out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(config, out / "config.yaml")
-    set_seed(config.seed)
-    device = resolve_device(config.model.device)
+def preference_groups(config: RewardModelConfig, run: Run, device) -> tuple[list, list]:
+    """(training groups, held-out groups): from a file, or labelled on the built-in task (then written out)."""
+    data = config.data
+    if data.path is not None:
+        train_groups = load_preference_groups(data.path, data.columns)
+        if data.eval_path is not None:
+            return train_groups, load_preference_groups(data.eval_path, data.columns)
+        return split_groups(train_groups, data.eval_size, config.seed)
+    sampler = sampler_tokenizer = None
+    if data.builtin.policy is not None:
+        sampler_tokenizer = load_tokenizer(data.builtin.policy)
+        sampler = load_causal_lm(data.builtin.policy, resolve_dtype(config.model.dtype, device), device)
+    # the RL recipes hold out these prompts (same seed): the reward model never sees them
+    rl_heldout = {r["prompt"] for r in make_rows(data.heldout_rl_size, data.task, seed=config.seed + EVAL_SEED_OFFSET)}
+    train_groups, eval_groups = builtin_preferences(data.builtin, data.task, config.seed, sampler_tokenizer, sampler,
+                                                    exclude=rl_heldout, device=device)
+    write_groups(train_groups, run.out / "preferences_train.jsonl")
+    write_groups(eval_groups, run.out / "preferences_eval.jsonl")
+    return train_groups, eval_groups
 
-    # 1. Data: preference groups (one per prompt) from a file, or labelled on the built-in task.
-    if config.data.path is not None:
-        train_groups = load_preference_groups(config.data.path, config.data.columns)
-        if config.data.eval_path is not None:
-            eval_groups = load_preference_groups(config.data.eval_path, config.data.columns)
-        else:
-            train_groups, eval_groups = split_groups(train_groups, config.data.eval_size, config.seed)
-    else:
-        built = config.data.builtin
-        sampler = sampler_tokenizer = None
-        if built.policy is not None:
-            sampler_tokenizer = load_tokenizer(built.policy)
-            sampler = load_causal_lm(built.policy, resolve_dtype(config.model.dtype, device), device)
-        # the RL recipes hold out these prompts (same seed): the reward model never sees them
-        rl_heldout = {r["prompt"] for r in make_rows(config.data.heldout_rl_size, config.data.task,
-                                                     seed=config.seed + EVAL_SEED_OFFSET)}
-        train_groups, eval_groups = builtin_preferences(built, config.data.task, config.seed, sampler_tokenizer,
-                                                        sampler, exclude=rl_heldout, device=device)
-        del sampler
-        write_groups(train_groups, out / "preferences_train.jsonl")
-        write_groups(eval_groups, out / "preferences_eval.jsonl")
-    log.info("reward model data: %d prompts / %d pairs for training, %d / %d held out", len(train_groups),
-             count_pairs(train_groups), len(eval_groups), count_pairs(eval_groups))
 
-    # 2. Model: a scalar head on the given backbone, or on a tiny model built on the data's text.
+def scalar_model(config: RewardModelConfig, run: Run, train_groups, device):
+    """(a scalar head on the given backbone or on a tiny model built on the data's text, its tokenizer)."""
+    model_config = run.model_source(config.model)
     if config.model.name_or_path is None:
         texts = [prompt_text(g.prompt) + a for g in train_groups for a in g.answers]
-        causal, tokenizer, _ = load_or_build(config.model, texts, config.seed)
+        causal, tokenizer, _ = load_or_build(model_config, texts, config.seed, save_dir=run.initial_dir)
         model = scalar_model_from_causal_lm(causal, config.head_init)
-        del causal
     else:
         tokenizer = load_tokenizer(config.model.tokenizer or config.model.name_or_path)
         model = load_scalar_model(config.model.name_or_path, resolve_dtype(config.model.dtype, device), device,
                                   config.head_init, pad_token_id=tokenizer.pad_token_id)
     model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def run_reward_model(config: RewardModelConfig) -> dict:
+    """Train a reward model; returns the summary also written to ``summary.json``."""
+    run = Run(config, "reward", total_steps=0)
+    device = resolve_device(config.model.device)
+    train_groups, eval_groups = preference_groups(config, run, device)  # 1. data: one group per prompt
+    log.info("reward model data: %d prompts / %d pairs for training, %d / %d held out", len(train_groups),
+             count_pairs(train_groups), len(eval_groups), count_pairs(eval_groups))
+    model, tokenizer = scalar_model(config, run, train_groups, device)  # 2. the model
     max_length = min(config.max_length, max_length_of(model))
     log.info("reward model: %s", describe(model))
+    run.total_steps = steps = max(1, math.ceil(config.epochs * len(train_groups) / config.batch_size))
+    optimizer, scheduler = config.optim.build(model, steps)
+    order = ShuffledOrder(len(train_groups), config.seed)  # shuffled passes over the prompts
+    run.track(model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler, data=order)
 
-    steps = max(1, math.ceil(config.epochs * len(train_groups) / config.batch_size))
-    optimizer = build_optimizer(model, config.lr, config.weight_decay)
-    scheduler = build_scheduler(optimizer, config.lr_schedule, config.warmup_steps, steps)
-    (out / "metrics.jsonl").unlink(missing_ok=True)
-    logger = MetricsLogger(out, tensorboard=config.tensorboard)
-
-    def run_eval() -> dict:
+    def evaluate() -> dict:
         return evaluate_pairs(model, tokenizer, eval_groups, max_length, device, config.center_rewards_coefficient)
 
-    before = run_eval()
-    logger.log(0, before)
-
-    # 3. The loop: shuffled passes over the prompts; each step scores every answer of its prompts once.
-    rng = random.Random(config.seed)
-    order: list[int] = []
+    run.begin(evaluate)
     model.train()
-    progress = tqdm(range(1, steps + 1), desc="reward", dynamic_ncols=True, disable=None)
-    for step in progress:
-        step_start = time.perf_counter()
-        if len(order) < config.batch_size:
-            epoch_order = list(range(len(train_groups)))
-            rng.shuffle(epoch_order)
-            order += epoch_order
-        batch = [train_groups[i] for i in order[:config.batch_size]]
-        del order[:config.batch_size]
-
+    for step in run.steps():  # 3. each step scores every answer of its prompts once
+        started = time.perf_counter()
+        batch = [train_groups[i] for i in order.take(config.batch_size)]
         scores = _score_answers(model, tokenizer, batch, max_length, device)
         chosen, rejected, group_id, margin = _pair_tensors(batch, scores)
         loss = grouped_pairwise_loss(chosen, rejected, group_id, margin, config.center_rewards_coefficient)
-        optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-
-        seconds = time.perf_counter() - step_start
+        grad_norm, applied = apply_update(model, optimizer, scheduler, float(loss.detach()),
+                                          config.optim.max_grad_norm)
+        run.update_guard(applied, step)
+        seconds = time.perf_counter() - started
         all_scores = torch.cat(scores).detach()
-        metrics = {
-            "loss": float(loss.detach()),
-            "accuracy": float((chosen > rejected).float().mean()),
-            "margin": float((chosen - rejected).detach().mean()),
-            "reward/mean": float(all_scores.mean()),
-            "reward/std": float(all_scores.std()) if all_scores.numel() > 1 else 0.0,
-            "pairs": len(chosen),
-            "lr": scheduler.get_last_lr()[0],
-            "grad_norm": float(grad_norm),
-            "seconds_per_step": seconds,
-            "tokens_per_second": sum(len(g.answers) for g in batch) / seconds,
-        }
-        if config.eval_every and step % config.eval_every == 0 and step < steps:
-            metrics.update(run_eval())
-        logger.log(step, metrics)
-        progress.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['accuracy']:.3f}")
+        metrics = {"loss": float(loss.detach()), "accuracy": float((chosen > rejected).float().mean()),
+                   "margin": float((chosen - rejected).detach().mean()), "reward/mean": float(all_scores.mean()),
+                   "reward/std": float(all_scores.std()) if all_scores.numel() > 1 else 0.0, "pairs": len(chosen),
+                   "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "skipped_updates": int(not applied),
+                   "seconds_per_step": seconds, "tokens_per_second": sum(len(g.answers) for g in batch) / seconds}
+        run.log(step, metrics, evaluate, loss=f"{metrics['loss']:.3f}", acc=f"{metrics['accuracy']:.3f}")
 
-    # 4. Final evaluation; the reward's mean and std over the training answers go beside the weights.
-    after = run_eval()
-    logger.log(steps, after)
-    logger.close()
+    # 4. final evaluation; the reward's mean and std over the training answers go beside the weights
+    stats = training_score_stats(model, tokenizer, train_groups, max_length, device)
+    summary = run.finish(evaluate, {"train_prompts": len(train_groups), "train_pairs": count_pairs(train_groups),
+                                    "eval_prompts": len(eval_groups), "eval_pairs": count_pairs(eval_groups),
+                                    "reward_mean": stats["mean"], "reward_std": stats["std"]},
+                         plot={"title": "reward model", "train_key": "loss", "eval_key": "eval/pairwise_accuracy"},
+                         save_also=lambda final: save_reward_stats(final, stats))
+    summary["pairwise_accuracy_before"] = summary["eval_before"].get("eval/pairwise_accuracy")
+    summary["pairwise_accuracy_after"] = summary["eval_after"].get("eval/pairwise_accuracy")
+    return run.write_summary(summary)
+
+
+@torch.no_grad()
+def training_score_stats(model, tokenizer, train_groups, max_length: int, device) -> dict:
+    """Mean and std of the trained model's scores over every training answer (to normalise its rewards)."""
     model.eval()
-    with torch.no_grad():
-        train_scores = torch.cat([s for start in range(0, len(train_groups), 64)
-                                  for s in _score_answers(model, tokenizer, train_groups[start:start + 64],
-                                                          max_length, device)])
-    stats = {"mean": float(train_scores.mean()), "std": float(train_scores.std(unbiased=False)),
-             "num_answers": int(train_scores.numel()), "computed_on": "training answers",
-             "eval_pairwise_accuracy": after.get("eval/pairwise_accuracy")}
-    save_pretrained_atomic(model, tokenizer, out / "final")
-    save_reward_stats(out / "final", stats)
-    plot_run(out / "metrics.jsonl", out / "curves.png", title="reward model", train_key="loss",
-             eval_key="eval/pairwise_accuracy")
-    summary = {
-        "recipe": "reward",
-        "steps": steps,
-        "train_prompts": len(train_groups),
-        "train_pairs": count_pairs(train_groups),
-        "eval_prompts": len(eval_groups),
-        "eval_pairs": count_pairs(eval_groups),
-        "pairwise_accuracy_before": before.get("eval/pairwise_accuracy"),
-        "pairwise_accuracy_after": after.get("eval/pairwise_accuracy"),
-        "eval_after": after,
-        "reward_mean": stats["mean"],
-        "reward_std": stats["std"],
-        "seconds": time.perf_counter() - start_time,
-        "model_dir": str(out / "final"),
-    }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+    scores = torch.cat([s for start in range(0, len(train_groups), 64)
+                        for s in _score_answers(model, tokenizer, train_groups[start:start + 64], max_length, device)])
+    return {"mean": float(scores.mean()), "std": float(scores.std(unbiased=False)), "num_answers": int(scores.numel()),
+            "computed_on": "training answers"}

@@ -8,66 +8,52 @@ prompt. Read top to bottom: data, model, optimizer, the loop, the final evaluati
 
 from __future__ import annotations
 
-import json
 import logging
-import random
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from ..data.arithmetic import completion_for
 from ..data.batching import encode_completions, encode_prompts
 from ..data.loading import completion_text, prompt_text
-from ..data.sources import DataConfig, demonstration_rows
-from ..evaluation import evaluate, headline
-from ..models.forward import completion_logprobs, trim_padding
-from ..models.loading import autocast_context
+from ..data.sources import DataConfig, ShuffledOrder, demonstration_rows
+from ..evaluation import evaluate
+from ..models.forward import TokenBatch, forward_rows
 from ..models.setup import ModelConfig, describe, forward_autocast, load_or_build
 from ..rewards.combine import RewardSpec
-from ..runtime.checkpoint import save_pretrained_atomic
-from ..runtime.config import save_config
-from ..runtime.metrics import MetricsLogger
-from ..runtime.optim import build_optimizer, build_scheduler, check_optim
-from ..runtime.plots import plot_run
-from ..runtime.seeding import set_seed
+from ..runtime.optim import OptimConfig, apply_update
+from ..runtime.run import Run, RunSettings
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class SFTConfig:
-    output_dir: str = "runs/sft"
-    seed: int = 0
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    # null: accuracy + format on the built-in task, none (NLL only) for a dataset file
+class SFTConfig(RunSettings):
+    output_dir: str = "runs/sft"  # where config.yaml, metrics.jsonl, checkpoints/, final/ and summary.json go
+    model: ModelConfig = field(default_factory=ModelConfig)  # the model to fine-tune (null: a tiny one built here)
+    data: DataConfig = field(default_factory=DataConfig)  # demonstrations (prompt + completion) and held-out rows
+    # rewards scored on greedy held-out answers; null: accuracy + format on the built-in task, none (NLL only)
+    # for a dataset file
     rewards: list[RewardSpec] | None = None
-    steps: int = 300  # optimizer steps
-    max_seconds: float = 0.0  # stop after this much training time as well (0: no limit)
-    batch_size: int = 32
-    lr: float = 1e-3
-    lr_schedule: str = "linear"
-    warmup_steps: int = 10
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    eval_every: int = 50  # 0: only before and after training
-    max_new_tokens: int = 16  # greedy answers at evaluation
-    tensorboard: bool = True
-    save_final: bool = True
+    steps: int = 300  # optimizer steps, one batch each
+    max_seconds: float = 0.0  # also stop after this much training time (0: no limit)
+    batch_size: int = 32  # demonstrations per optimizer step
+    eval_every: int = 50  # evaluate on the held-out rows every N steps (0: only before and after training)
+    max_new_tokens: int = 16  # length limit of the greedy answers at evaluation
+    save_final: bool = True  # write the trained model to final/
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3))  # AdamW and its schedule
 
     def validate(self) -> None:
+        super().validate()
         self.model.validate()
         self.data.validate()
-        check_optim("", self.lr, self.warmup_steps, self.weight_decay, self.max_grad_norm)
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.eval_every < 0 or self.max_seconds < 0:
-            raise ValueError("eval_every and max_seconds must be >= 0")
+        if self.max_seconds < 0:
+            raise ValueError("max_seconds must be >= 0")
 
 
 def _completion(row: dict, column: str) -> str:
@@ -76,123 +62,86 @@ def _completion(row: dict, column: str) -> str:
     return completion_for(row["answer"])  # built-in held-out rows carry only the answer
 
 
-def _nll_batch(model, tokenizer, rows, config: SFTConfig, device):
+def nll(model, tokenizer, rows, config: SFTConfig, device, autocast) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean negative log-likelihood of the rows' completion tokens, their number); prompts are context only."""
     prompt_ids, prompt_mask, _ = encode_prompts(tokenizer, [r["prompt"] for r in rows],
                                                 config.data.max_prompt_tokens, device)
     completion_ids, completion_mask = encode_completions(
         tokenizer, [_completion(r, config.data.completion_column) for r in rows], device=device)
-    batch = trim_padding(prompt_ids, prompt_mask, completion_ids, completion_mask)
-    logp, _ = completion_logprobs(model, *batch)
-    mask = batch[3].float()
+    batch = TokenBatch(prompt_ids, prompt_mask, completion_ids, completion_mask, group_size=1)
+    logp, _, _ = forward_rows(model, batch, torch.arange(len(rows)), temperature=1.0, layout="padded",
+                              autocast=autocast)
+    mask = completion_mask[:, :logp.size(1)].float()
     return -(logp * mask).sum() / mask.sum().clamp(min=1), mask.sum()
 
 
-@torch.no_grad()
-def _eval_nll(model, tokenizer, rows, config, device) -> float:
-    total, tokens = 0.0, 0.0
-    for start in range(0, len(rows), 256):
-        loss, n = _nll_batch(model, tokenizer, rows[start:start + 256], config, device)
-        total += float(loss) * float(n)
-        tokens += float(n)
-    return total / max(tokens, 1.0)
+def sft_evaluator(model, tokenizer, eval_rows, reward_functions, config: SFTConfig, device, autocast):
+    """Held-out NLL of the demonstrations' completions, and greedy answers scored by ``reward_functions``."""
+    @torch.no_grad()
+    def run_eval() -> dict:
+        if not eval_rows:
+            return {}
+        model.eval()
+        total, tokens = 0.0, 0.0
+        for start in range(0, len(eval_rows), 256):
+            loss, n = nll(model, tokenizer, eval_rows[start:start + 256], config, device, autocast)
+            total, tokens = total + float(loss) * float(n), tokens + float(n)
+        metrics = {"eval/nll": total / max(tokens, 1.0)}
+        if reward_functions:
+            metrics.update(evaluate(model, tokenizer, eval_rows, reward_functions, config.max_new_tokens,
+                                    config.data.max_prompt_tokens, device, autocast=autocast))
+        model.train()
+        return metrics
+    return run_eval
 
 
-def run_sft(config: SFTConfig, model=None, tokenizer=None) -> dict:
-    """Train with SFT; returns the summary also written to ``summary.json``.
-
-    ``model``/``tokenizer`` let the demo continue training an in-memory model (its SFT control).
-    """
-    start_time = time.perf_counter()
-    out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(config, out / "config.yaml")
-    set_seed(config.seed)
-
-    # 1. Data: demonstrations and held-out prompts.
-    train_rows, eval_rows = demonstration_rows(config.data, config.seed)
+def run_sft(config: SFTConfig) -> dict:
+    """Train with SFT; returns the summary also written to ``summary.json``."""
+    run = Run(config, "sft", total_steps=config.steps)
+    train_rows, eval_rows = demonstration_rows(config.data, config.seed)  # 1. demonstrations, held-out rows
     texts = [prompt_text(r["prompt"]) + _completion(r, config.data.completion_column) for r in train_rows]
-
-    # 2. Model: a given one, a path, or a tiny model built on the demonstrations' text.
-    if model is None:
-        model, tokenizer, device = load_or_build(config.model, texts, config.seed, save_dir=out / "initial")
-    else:
-        device = next(model.parameters()).device
-    amp_dtype = forward_autocast(config.model, model, device)  # None unless bf16 autocast pays off here
+    model_config = run.model_source(config.model)  # 2. a given model, or a tiny one built on the text
+    model, tokenizer, device = load_or_build(model_config, texts, config.seed, save_dir=run.initial_dir)
+    autocast = forward_autocast(model_config, model, device)
     log.info("SFT on %d demonstrations with %s", len(train_rows), describe(model))
     specs = config.rewards
     if specs is None:
         specs = [RewardSpec("accuracy"), RewardSpec("format")] if config.data.path is None else []
     reward_functions = [spec.load() for spec in specs]
+    optimizer, scheduler = config.optim.build(model, config.steps)
+    order = ShuffledOrder(len(train_rows), config.seed)  # shuffled passes over the demonstrations
+    run.track(model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler, data=order)
+    evaluate_sft = sft_evaluator(model, tokenizer, eval_rows, reward_functions, config, device, autocast)
+    run.begin(evaluate_sft)
 
-    optimizer = build_optimizer(model, config.lr, config.weight_decay)
-    scheduler = build_scheduler(optimizer, config.lr_schedule, config.warmup_steps, config.steps)
-    logger = MetricsLogger(out, tensorboard=config.tensorboard)
-
-    def run_eval(step: int) -> dict:
-        model.eval()
-        with autocast_context(device, amp_dtype):
-            metrics = {"eval/nll": _eval_nll(model, tokenizer, eval_rows, config, device)} if eval_rows else {}
-            if reward_functions and eval_rows:
-                metrics.update(evaluate(model, tokenizer, eval_rows, reward_functions, config.max_new_tokens,
-                                        config.data.max_prompt_tokens, device))
-        model.train()
-        logger.log(step, metrics)
-        return metrics
-
-    before = run_eval(0)
-
-    # 3. The loop: shuffled passes over the demonstrations, one optimizer step per batch.
-    rng = random.Random(config.seed)
-    order: list[int] = []
-    model.train()
-    train_start = time.perf_counter()
-    step = 0
-    progress = tqdm(total=config.steps, desc="sft", dynamic_ncols=True, disable=None)
-    while step < config.steps:
-        if config.max_seconds and time.perf_counter() - train_start >= config.max_seconds:
+    model.train()  # 3. the loop: one optimizer step per batch of demonstrations
+    last_step = run.first_step - 1
+    resumed_at = time.perf_counter()
+    for step in run.steps():
+        train_seconds = run.values.get("train_seconds", 0.0) + time.perf_counter() - resumed_at
+        if config.max_seconds and train_seconds >= config.max_seconds:
             break
-        if len(order) < config.batch_size:
-            epoch_order = list(range(len(train_rows)))
-            rng.shuffle(epoch_order)
-            order += epoch_order
-        batch_rows = [train_rows[i] for i in order[:config.batch_size]]
-        del order[:config.batch_size]
-        step_start = time.perf_counter()
-        with autocast_context(device, amp_dtype):
-            loss, num_tokens = _nll_batch(model, tokenizer, batch_rows, config, device)
-        optimizer.zero_grad(set_to_none=True)
+        started = time.perf_counter()
+        loss, num_tokens = nll(model, tokenizer, [train_rows[i] for i in order.take(config.batch_size)], config,
+                               device, autocast)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        step += 1
-        seconds = time.perf_counter() - step_start
-        logger.log(step, {"loss": float(loss.detach()), "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
-                          "seconds_per_step": seconds, "tokens_per_second": float(num_tokens) / seconds})
-        progress.update(1)
-        progress.set_postfix(loss=f"{float(loss.detach()):.3f}")
-        if config.eval_every and step % config.eval_every == 0 and step < config.steps:
-            run_eval(step)
-    progress.close()
-    train_seconds = time.perf_counter() - train_start
+        grad_norm, applied = apply_update(model, optimizer, scheduler, float(loss.detach()),
+                                          config.optim.max_grad_norm)
+        run.update_guard(applied, step)
+        seconds = time.perf_counter() - started
+        run.values["train_seconds"] = train_seconds + seconds
+        resumed_at, last_step = time.perf_counter(), step
+        run.log(step, {"loss": float(loss.detach()), "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
+                       "skipped_updates": int(not applied), "seconds_per_step": seconds,
+                       "tokens_per_second": float(num_tokens) / seconds}, evaluate_sft,
+                loss=f"{float(loss.detach()):.3f}")
 
-    # 4. Final evaluation and outputs.
-    after = run_eval(step)
-    logger.close()
-    if config.save_final:
-        save_pretrained_atomic(model, tokenizer, out / "final")
-    if reward_functions and eval_rows:
-        plot_run(out / "metrics.jsonl", out / "curves.png", title="SFT", train_key="loss")
-    summary = {
-        "recipe": "sft",
-        "steps": step,
-        "train_seconds": train_seconds,
-        "seconds": time.perf_counter() - start_time,
-        "eval_nll_before": before.get("eval/nll"),
-        "eval_nll_after": after.get("eval/nll"),
-        "accuracy_before": headline(before) if reward_functions and eval_rows else None,
-        "accuracy_after": headline(after) if reward_functions and eval_rows else None,
-        "model_dir": str(out / "final") if config.save_final else None,
-    }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    return {**summary, "model": model, "tokenizer": tokenizer}
+    scored = bool(reward_functions and eval_rows)  # 4. final evaluation and outputs
+    summary = run.finish(evaluate_sft, {"train_seconds": run.values.get("train_seconds", 0.0)},
+                         save_model=config.save_final, last_step=last_step,
+                         plot={"title": "SFT", "train_key": "loss"} if scored else None)
+    summary["eval_nll_before"] = summary["eval_before"].get("eval/nll")
+    summary["eval_nll_after"] = summary["eval_after"].get("eval/nll")
+    if not scored:
+        summary["accuracy_before"] = summary["accuracy_after"] = None
+    return run.write_summary(summary)

@@ -1,16 +1,28 @@
 """Typed configs from a YAML file plus dotted command-line overrides.
 
-Every recipe has one dataclass config. ``load_config`` reads YAML, applies ``a.b.c=value`` overrides,
-builds the nested dataclasses (unknown keys and wrong types are errors that name the key), then
-calls the config's ``validate()`` so bad values and impossible batch geometry fail before any work.
+Every recipe has one dataclass config. ``load_config`` reads YAML (a file, or a preset shipped in
+``policyopt/configs/`` named without a path), applies ``a.b.c=value`` overrides, builds the nested
+dataclasses (unknown keys and wrong types are errors that name the key), then calls the config's
+``validate()`` so bad values and impossible batch geometry fail before any work.
+
+``config_keys`` lists every key of a config with its type, default and meaning; the meaning is the
+field's comment in the dataclass source, so a config documents itself (``policyopt CMD --help``).
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import functools
+import importlib.resources
+import inspect
+import io
+import textwrap
+import tokenize
 import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -132,7 +144,7 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     parsed = []
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like key=value (e.g. grpo.lr=1e-4)")
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. optim.lr=1e-4)")
         key, raw = item.split("=", 1)
         if not key:
             raise ConfigError(f"override {item!r} has an empty key")
@@ -141,10 +153,25 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return parsed
 
 
-def config_from_dict(cls: type[T], data: dict | None, overrides: list[str] | None = None) -> T:
+def merge(base: Mapping, override: Mapping) -> dict:
+    """``base`` with ``override`` laid over it, section by section (a nested mapping merges, a value replaces)."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def config_from_dict(cls: type[T], data: Mapping | None, overrides: list[str] | Mapping | None = None) -> T:
+    """``cls`` from ``data`` with ``overrides`` on top: ``key=value`` strings or a nested mapping."""
     data = dict(data or {})
-    for key, value in parse_overrides(overrides or []):
-        _set_dotted(data, key, value)
+    if isinstance(overrides, Mapping):
+        data = merge(data, overrides)
+    else:
+        for key, value in parse_overrides(overrides or []):
+            _set_dotted(data, key, value)
     config = _build(cls, data)
     try:
         config.validate()
@@ -155,25 +182,67 @@ def config_from_dict(cls: type[T], data: dict | None, overrides: list[str] | Non
     return config
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
-    """Build ``cls`` from an optional YAML file and ``key=value`` overrides (YAML-typed values)."""
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of keys, got {type(loaded).__name__}")
-        data = loaded or {}
+# ------------------------------------------------------------------ presets and files
+
+
+def _presets_dir():
+    return importlib.resources.files("policyopt").joinpath("configs")
+
+
+def preset_names() -> list[str]:
+    """The presets shipped in ``policyopt/configs/`` (``--config NAME``)."""
+    return sorted(p.name[: -len(".yaml")] for p in _presets_dir().iterdir() if p.name.endswith(".yaml"))
+
+
+def find_config(path_or_name: str | Path):
+    """The YAML file ``--config`` names: an existing file, else the preset of that name (``demo``)."""
+    path = Path(path_or_name)
+    if path.is_file():
+        return path
+    name = str(path_or_name)
+    stem = name[: -len(".yaml")] if name.endswith(".yaml") else name
+    presets = ", ".join(preset_names())
+    if path.parent == Path(".") and stem:
+        preset = _presets_dir().joinpath(f"{stem}.yaml")
+        if preset.is_file():
+            return preset
+        close = difflib.get_close_matches(stem, preset_names(), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ConfigError(f"config file {name} does not exist, and no preset is named {stem!r}{hint}; "
+                          f"presets: {presets}")
+    raise ConfigError(f"config file {name} does not exist (presets, named without a path: {presets})")
+
+
+def read_config_file(path_or_name: str | Path) -> dict:
+    """The mapping in a YAML config file or preset."""
+    path = find_config(path_or_name)
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys, got {type(loaded).__name__}")
+    return loaded or {}
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | Mapping | None = None) -> T:
+    """Build ``cls`` from an optional YAML file or preset name and overrides: ``key=value`` strings
+    (YAML-typed values) or a nested mapping."""
+    data = read_config_file(path) if path is not None else {}
     try:
         return config_from_dict(cls, data, overrides)
     except ConfigError as exc:
-        where = f" (in {path})" if path is not None else ""
-        raise ConfigError(f"{exc}{where}") from None
+        if path is None or (overrides and _builds(cls, data)):
+            raise  # the file alone is fine: the overrides are at fault
+        raise ConfigError(f"{exc} (in {find_config(path)})") from None
+
+
+def _builds(cls: type, data: dict) -> bool:
+    try:
+        config_from_dict(cls, data)
+    except ConfigError:
+        return False
+    return True
 
 
 def config_to_dict(config: Any) -> dict:
@@ -182,3 +251,139 @@ def config_to_dict(config: Any) -> dict:
 
 def save_config(config: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+
+
+# ------------------------------------------------------------------ every key, documented by its comment
+
+
+@dataclasses.dataclass(frozen=True)
+class ConfigKey:
+    """One key of a config: its dotted name, its type in words, its default and its one-line meaning."""
+
+    key: str  # dotted: optim.lr, sampling.temperature, model.tiny.hidden_size
+    type: str  # e.g. "float", "int or null", "one of linear, cosine, constant_with_warmup"
+    default: Any  # the value the config holds (a preset's value when built from one)
+    meaning: str  # the field's comment in its dataclass ("" when it has none)
+
+
+def config_keys(config: Any) -> list[ConfigKey]:
+    """Every key of a config dataclass (a class, or an instance for its values), sections in dotted form.
+
+    A nested dataclass is a section whose keys are listed under ``section.``; a list of dataclasses (the
+    rewards) is one key. The meaning is the field's trailing ``# comment``, or else the comment lines
+    directly above it, in the first class of the MRO that has one (recipe configs inherit fields).
+    """
+    cls = config if isinstance(config, type) else type(config)
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls.__name__} is not a dataclass")
+    if isinstance(config, type):
+        try:
+            config = cls()
+        except TypeError:  # required fields: no instance to read defaults from
+            config = None
+    return list(_keys(cls, config, ""))
+
+
+def _keys(cls: type, instance: Any, prefix: str):
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        value = getattr(instance, f.name) if instance is not None else _field_default(f)
+        section = _section_type(hints[f.name], value)
+        if section is not None:
+            yield from _keys(section, value, f"{prefix}{f.name}.")
+        else:
+            yield ConfigKey(f"{prefix}{f.name}", describe_type(hints[f.name]), value, field_meaning(cls, f.name))
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def _section_type(tp: Any, value: Any) -> type | None:
+    """The dataclass a field's keys come from, or None for a plain key."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        options = [t for t in typing.get_args(tp) if dataclasses.is_dataclass(t)]
+        if len(options) == 1 and isinstance(value, options[0]):
+            return options[0]
+    return None
+
+
+def describe_type(tp: Any, _in_union: bool = False) -> str:
+    """A type in words: ``int``, ``str or null``, ``one of linear, cosine``, ``list of RewardSpec``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        words = [describe_type(t, True) for t in args if t is not type(None)]
+        return " or ".join(words + (["null"] if type(None) in args else []))
+    if origin is typing.Literal:
+        choices = [format_value(c) for c in typing.get_args(tp)]
+        return choices[0] if _in_union and len(choices) == 1 else "one of " + ", ".join(choices)
+    if origin in (list, tuple):
+        (item, *_) = typing.get_args(tp) or (Any,)
+        return f"list of {describe_type(item)}"
+    if tp is Any:
+        return "any"
+    return _type_name(tp)
+
+
+def format_value(value: Any) -> str:
+    """A value as it is written in YAML or on the command line (``null``, ``true``, ``1e-3``, lists inline)."""
+    if value is dataclasses.MISSING:
+        return "(required)"
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    elif isinstance(value, (list, tuple)):
+        value = [dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for v in value]
+    text = yaml.safe_dump(value, default_flow_style=True, width=10**6, sort_keys=False).strip()
+    return text[: -len("...")].strip() if text.endswith("...") else text
+
+
+def field_meaning(cls: type, name: str) -> str:
+    """The comment that documents field ``name`` of ``cls``, from the first class in its MRO that has one."""
+    for klass in cls.__mro__:
+        meaning = _field_comments(klass).get(name)
+        if meaning:
+            return meaning
+    return ""
+
+
+@functools.lru_cache(maxsize=None)
+def _field_comments(cls: type) -> dict[str, str]:
+    """{field: its comment} for the fields annotated in ``cls``'s own class body."""
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):  # built in a REPL or by make_dataclass: no source to read
+        return {}
+    classdef = next((node for node in ast.parse(source).body if isinstance(node, ast.ClassDef)), None)
+    if classdef is None:
+        return {}
+    trailing: dict[int, str] = {}  # line -> a comment after code on that line
+    alone: dict[int, str] = {}  # line -> a comment on a line of its own
+    code_lines: set[int] = set()
+    skip = {tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER}
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        line = token.start[0]
+        if token.type == tokenize.COMMENT:
+            text = token.string.lstrip("#").strip()
+            (trailing if line in code_lines else alone)[line] = text
+        elif token.type not in skip:
+            code_lines.update(range(line, token.end[0] + 1))
+    comments = {}
+    for node in classdef.body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        meaning = trailing.get(node.lineno) or trailing.get(node.end_lineno, "")
+        if not meaning:
+            above, line = [], node.lineno - 1
+            while line in alone:
+                above.insert(0, alone[line])
+                line -= 1
+            meaning = " ".join(a for a in above if a)
+        comments[node.target.id] = meaning
+    return comments

@@ -1,0 +1,267 @@
+"""The run layer every recipe shares: what is the same in SFT, the reward model, PPO and GRPO.
+
+A recipe creates a ``Run``, names the objects whose state makes up the run (model, optimizer,
+scheduler, data position, random generators, anything with ``state_dict``), and then loops over
+``run.steps()``. The run owns the output directory and its ``config.yaml``, seeding, the metrics
+log, the evaluation schedule, checkpoints with exact resume, SIGTERM and Ctrl-C, the non-finite
+update guard, the progress bar, ``summary.json`` and the plot. It never holds the algorithm.
+
+    run = Run(config, "grpo", total_steps=config.steps)
+    ... build the model from run.model_source(config.model) ...
+    run.track(model=policy, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler, data=source)
+    run.begin(evaluate)                 # fresh: evaluate at step 0; resumed: restore everything
+    for step in run.steps():            # checkpoints after a step on save_every, SIGTERM or Ctrl-C
+        metrics = ...one step...
+        run.log(step, metrics, evaluate)
+    return run.finish(evaluate, {...})  # final evaluation, final/ weights, plot, summary.json
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint import (
+    list_checkpoints,
+    load_training_state,
+    resolve_resume,
+    restore_rng_state,
+    rng_state,
+    save_pretrained_atomic,
+    save_training_checkpoint,
+)
+from .config import ConfigError, save_config
+from .metrics import MetricsLogger
+from .optim import OptimConfig, UpdateGuard
+from .plots import plot_run
+from .seeding import set_seed
+from .signals import StopRequests, TrainingInterrupted
+
+log = logging.getLogger(__name__)
+
+INITIAL_DIR = "initial"  # a model built at the run's start (the tiny model), reloaded on resume
+
+
+@dataclass
+class RunSettings:
+    """The settings every recipe's run shares (each recipe's config starts with these)."""
+
+    output_dir: str = "runs/run"  # where config.yaml, metrics.jsonl, checkpoints/, final/ and summary.json go
+    seed: int = 0  # seeds Python, NumPy, torch and every sampler: one seed, one run
+    eval_every: int = 10  # evaluate on the held-out rows every N steps (0: only before and after training)
+    save_every: int = 0  # checkpoint the full training state every N steps (0: never; SIGTERM/Ctrl-C always do)
+    keep_last: int = 2  # training checkpoints kept on disk
+    resume: str | None = None  # auto: continue from the newest complete checkpoint in output_dir; or a path
+    tensorboard: bool = True  # also write metrics as TensorBoard events under tensorboard/
+    max_bad_updates_in_a_row: int = 5  # non-finite loss/gradient updates are skipped; this many in a row stop the run
+    optim: OptimConfig = field(default_factory=OptimConfig)  # AdamW and its learning-rate schedule
+
+    def validate(self) -> None:
+        self.optim.validate()
+        if self.eval_every < 0 or self.save_every < 0 or self.keep_last < 1:
+            raise ValueError("eval_every and save_every must be >= 0, keep_last >= 1")
+        if self.max_bad_updates_in_a_row < 1:
+            raise ValueError(f"max_bad_updates_in_a_row must be >= 1, got {self.max_bad_updates_in_a_row}")
+
+    def derived(self) -> dict[str, Any]:
+        """Quantities the settings imply (batch geometry, normalisers), printed when a run starts."""
+        return {}
+
+
+class Run:
+    """One training run's shared machinery; see the module docstring for its use."""
+
+    def __init__(self, config: RunSettings, name: str, total_steps: int):
+        self.config, self.name, self.total_steps = config, name, total_steps
+        self.out = Path(config.output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.checkpoint_root = self.out / "checkpoints"
+        self.resume_from = resolve_resume(config.resume, self.checkpoint_root)
+        if self.resume_from is None and list_checkpoints(self.checkpoint_root):
+            raise ConfigError(f"{self.out} already holds checkpoints of an earlier run: continue it with "
+                              "resume=auto (--resume), or choose another output_dir")
+        save_config(config, self.out / "config.yaml")
+        set_seed(config.seed)
+        self.started = time.perf_counter()
+        self.elapsed_earlier = 0.0
+        self.guard = UpdateGuard(config.max_bad_updates_in_a_row)
+        self.values: dict[str, Any] = {}  # plain recipe state saved with each checkpoint (e.g. PPO's beta)
+        self.history: list[tuple[int, float]] = []  # (step, headline number) of each evaluation
+        self.before: dict = {}
+        self.first_step = 1
+        self.logger: MetricsLogger | None = None
+        self._model = self._tokenizer = None
+        self._stateful: dict[str, Any] = {}
+        self._progress = None
+        for key, value in config.derived().items():
+            log.info("%s: %s = %s", name, key, value)
+
+    # ------------------------------------------------------------------ setup
+
+    @property
+    def resuming(self) -> bool:
+        return self.resume_from is not None
+
+    @property
+    def initial_dir(self) -> Path:
+        return self.out / INITIAL_DIR
+
+    def model_source(self, model_config):
+        """``model_config``, pointed at the model this run built at its start when resuming a built one."""
+        if self.resuming and model_config.name_or_path is None:
+            return dataclasses.replace(model_config, name_or_path=str(self.initial_dir))
+        return model_config
+
+    def track(self, model=None, tokenizer=None, **stateful) -> None:
+        """Name what a checkpoint holds: the model (saved with ``save_pretrained``, so every checkpoint is
+        a Hugging Face model directory), its tokenizer, and objects with ``state_dict``/``load_state_dict``
+        or ``get_state``/``set_state`` (optimizer, scheduler, data position, torch generators, modules)."""
+        if model is not None:
+            self._model, self._tokenizer = model, tokenizer
+        self._stateful.update(stateful)
+
+    def begin(self, evaluate: Callable[[], dict]) -> int:
+        """Fresh run: evaluate and log step 0. Resumed run: restore every tracked state. Returns the first step."""
+        metrics_path = self.out / "metrics.jsonl"
+        if not self.resuming:
+            metrics_path.unlink(missing_ok=True)
+            self.logger = MetricsLogger(self.out, tensorboard=self.config.tensorboard)
+            self.before = evaluate()
+            self._record_eval(0, self.before)
+            self.logger.log(0, self.before)
+            return self.first_step
+        state = load_training_state(self.resume_from)
+        if self._model is not None:
+            _load_weights(self._model, self.resume_from)
+        generators = {k: v for k, v in self._stateful.items() if isinstance(v, torch.Generator)}
+        for key, obj in self._stateful.items():
+            if key not in generators:
+                obj.load_state_dict(state["stateful"][key])
+        restore_rng_state(state["rng"], generators)
+        self.guard.load_state_dict(state["guard"])
+        self.values, self.before, self.history = state["values"], state["before"], state["history"]
+        self.elapsed_earlier = state["elapsed"]
+        self.first_step = state["step"] + 1
+        shutil.copyfile(self.resume_from / "metrics.jsonl", metrics_path)  # drops records after the checkpoint
+        self.logger = MetricsLogger(self.out, tensorboard=self.config.tensorboard, purge_step=self.first_step)
+        log.info("resumed from %s at step %d", self.resume_from, self.first_step)
+        return self.first_step
+
+    # ------------------------------------------------------------------ the loop
+
+    def steps(self) -> Iterator[int]:
+        """Steps first_step..total_steps under a progress bar. After each one, a checkpoint when it is due
+        (``save_every``) or a stop signal arrived; on a signal the run then ends with ``TrainingInterrupted``."""
+        stop = StopRequests()
+        self._progress = tqdm(total=self.total_steps, initial=self.first_step - 1, desc=self.name,
+                              dynamic_ncols=True, disable=None)
+        try:
+            with stop:
+                for step in range(self.first_step, self.total_steps + 1):
+                    yield step
+                    self._progress.update(1)
+                    save_every = self.config.save_every
+                    if (save_every and step % save_every == 0) or stop.requested:
+                        saved = self.save_checkpoint(step)
+                        if stop.requested:
+                            self.logger.close()
+                            raise TrainingInterrupted(stop.requested, saved)
+        finally:
+            self._progress.close()
+
+    def eval_due(self, step: int) -> bool:
+        every = self.config.eval_every
+        return bool(every) and step % every == 0 and step < self.total_steps
+
+    def log(self, step: int, metrics: dict, evaluate: Callable[[], dict] | None = None, **shown: str) -> dict:
+        """Log one step's metrics, with a held-out evaluation first when one is due; ``shown`` goes on the bar."""
+        if evaluate is not None and self.eval_due(step):
+            evaluation = evaluate()
+            metrics.update(evaluation)
+            self._record_eval(step, evaluation)
+        self.logger.log(step, metrics)
+        if self._progress is not None:
+            if self.history:
+                shown.setdefault("eval", f"{self.history[-1][1]:.3f}")
+            self._progress.set_postfix(shown)
+        return metrics
+
+    def update_guard(self, applied: bool, step: int) -> None:
+        """Count a skipped (non-finite) update; too many in a row stop the run with its checkpoints intact."""
+        self.guard.record(applied, f"{self.name} step {step}")
+
+    def save_checkpoint(self, step: int) -> Path:
+        generators = {k: v for k, v in self._stateful.items() if isinstance(v, torch.Generator)}
+        state = {
+            "stateful": {k: v.state_dict() for k, v in self._stateful.items() if k not in generators},
+            "rng": rng_state(generators),
+            "guard": self.guard.state_dict(),
+            "values": self.values,
+            "before": self.before,
+            "history": self.history,
+            "elapsed": self.seconds(),
+        }
+        return save_training_checkpoint(self.checkpoint_root, step, self._model, self._tokenizer, state,
+                                        self.logger.path, keep_last=self.config.keep_last)
+
+    # ------------------------------------------------------------------ the end
+
+    def seconds(self) -> float:
+        """Wall time of the run so far, including the runs it resumed."""
+        return self.elapsed_earlier + time.perf_counter() - self.started
+
+    def finish(self, evaluate: Callable[[], dict] | None, summary: dict, save_model: bool = True,
+               plot: dict | None = None, save_also: Callable[[Path], Any] | None = None,
+               last_step: int | None = None) -> dict:
+        """Final evaluation, ``final/`` (model, tokenizer and ``save_also(final_dir)``), the plot and
+        ``summary.json``; returns the summary. ``last_step``: the step training ended at (default: the last)."""
+        last_step = self.total_steps if last_step is None else last_step
+        after = {}
+        if evaluate is not None:
+            after = evaluate()
+            self._record_eval(last_step, after)
+            self.logger.log(last_step, after)
+        self.logger.close()
+        final = self.out / "final"
+        if save_model and self._model is not None:
+            save_pretrained_atomic(self._model, self._tokenizer, final)
+            if save_also is not None:
+                save_also(final)
+        if plot is not None:
+            plot_run(self.out / "metrics.jsonl", self.out / "curves.png", **plot)
+        summary = {"recipe": self.name, "steps": last_step,
+                   "accuracy_before": headline(self.before) if self.before else None,
+                   "accuracy_after": headline(after) if after else None,
+                   "eval_before": self.before, "eval_after": after, "eval_history": self.history,
+                   **summary, "seconds": self.seconds()}
+        summary["model_dir"] = str(final) if save_model and self._model is not None else None
+        return self.write_summary(summary)
+
+    def write_summary(self, summary: dict) -> dict:
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+    def _record_eval(self, step: int, evaluation: dict) -> None:
+        if evaluation:
+            self.history.append((step, headline(evaluation)))
+
+
+def headline(metrics: dict) -> float:
+    """The number a summary reports: accuracy when the run has the accuracy reward, else mean reward."""
+    return metrics.get("eval/accuracy", metrics.get("eval/reward", float("nan")))
+
+
+def _load_weights(model: torch.nn.Module, directory: Path) -> None:
+    """Copy the weights saved with ``save_pretrained`` in ``directory`` into ``model``, bit for bit."""
+    dtype = next(model.parameters()).dtype
+    saved = type(model).from_pretrained(str(directory), dtype=dtype)
+    model.load_state_dict(saved.state_dict())
