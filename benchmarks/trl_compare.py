@@ -266,8 +266,9 @@ def worker_policyopt(spec: dict) -> dict:
         "rewards": [{"function": f"{HERE}:{REWARDS[spec['workload']]}"}],
     }
     if spec["settings"] == "same":
-        cfg.update({"beta": spec["beta"], "lr": spec["lr"], "lr_schedule": "constant_with_warmup", "warmup_steps": 0,
-                    "weight_decay": 0.0, "max_grad_norm": 1.0, "eps_low": 0.2, "eps_high": 0.2,
+        cfg.update({"beta": spec["beta"], "optim": {"lr": spec["lr"], "lr_schedule": "constant_with_warmup",
+                                                    "warmup_steps": 0, "weight_decay": 0.0, "max_grad_norm": 1.0},
+                    "clip_ratio_low": 0.2, "clip_ratio_high": 0.2,
                     "loss_aggregation": "seq_mean_token_mean", "scale_rewards": True, "eval_every": 0,
                     "tensorboard": False})
         cfg["model"].update({"dtype": "float32", "autocast": "off"})
@@ -283,7 +284,7 @@ def worker_policyopt(spec: dict) -> dict:
         "completion_length": [r["completion_length"] for r in records],
         "baseline_rss_mb": baseline,
         "effective_config": {k: getattr(config, k) for k in (
-            "beta", "lr", "lr_schedule", "warmup_steps", "loss_aggregation", "num_iterations", "tensorboard")}
+            "beta", "loss_aggregation", "update_epochs", "tensorboard")} | vars(config.optim)
         | {"dtype": config.model.dtype, "autocast": config.model.autocast, "sampling": vars(config.sampling)},
     }
 

@@ -6,7 +6,11 @@ import pytest
 import torch
 
 from policyopt.algorithms import (
+    ADVANTAGE_ESTIMATORS,
+    KL_ESTIMATORS,
     LOSS_AGGREGATIONS,
+    POLICY_LOSSES,
+    Registry,
     aggregate_loss,
     bradley_terry_loss,
     clipped_surrogate,
@@ -17,12 +21,12 @@ from policyopt.algorithms import (
     kl_k2,
     kl_k3,
     masked_mean,
-    selective_log_softmax,
     gather_logprobs,
     token_entropy,
     whiten,
     zero_std_group_fraction,
 )
+from policyopt.algorithms.aggregation import seq_mean_token_mean, seq_sum_constant, token_mean
 
 D = torch.float64
 
@@ -279,28 +283,6 @@ def test_token_entropy():
     assert torch.isfinite(z.grad).all()
 
 
-def test_selective_log_softmax_matches_log_softmax_gather():
-    g = torch.Generator().manual_seed(0)
-    logits = torch.randn(3, 5, 11, generator=g) * 4
-    tokens = torch.randint(0, 11, (3, 5), generator=g)
-    ref = torch.log_softmax(logits, -1).gather(-1, tokens[..., None]).squeeze(-1)
-    out = selective_log_softmax(logits, tokens)
-    assert out.shape == (3, 5)
-    torch.testing.assert_close(out, ref)
-    # bf16 input: float32 result close to the full-precision reference of the bf16 logits
-    lb = logits.bfloat16()
-    ref_b = torch.log_softmax(lb.float(), -1).gather(-1, tokens[..., None]).squeeze(-1)
-    out_b = selective_log_softmax(lb, tokens)
-    assert out_b.dtype == torch.float32
-    torch.testing.assert_close(out_b, ref_b)
-    # stable for large logits (naive exp would overflow): [1000, 1000 + ln 3] -> p = [1/4, 3/4]
-    big = t([[[1000.0, 1000.0 + math.log(3.0)]]], dtype=torch.float32)
-    close(selective_log_softmax(big, torch.tensor([[0]])), t([[math.log(0.25)]], dtype=torch.float32),
-          atol=1e-4, rtol=0)
-    # hand value: logits [0, ln 3] -> p = [1/4, 3/4]
-    close(selective_log_softmax(t([[[0.0, math.log(3.0)]]]), torch.tensor([[1]])), [[math.log(0.75)]])
-
-
 # ----------------------------------------------------------------------------- aggregation
 
 
@@ -368,9 +350,9 @@ def test_masked_mean():
 
 @pytest.mark.parametrize("chunk_elements", [7, 1 << 24])  # several chunks (one row each) and a single one
 def test_gather_logprobs_values_gradients_and_entropy(monkeypatch, chunk_elements):
-    from policyopt.algorithms import losses
+    from policyopt.algorithms import logprobs
 
-    monkeypatch.setattr(losses, "GATHER_CHUNK_ELEMENTS", chunk_elements)
+    monkeypatch.setattr(logprobs, "GATHER_CHUNK_ELEMENTS", chunk_elements)
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(5, 7, generator=g, dtype=torch.float64) * 2
     logits[3, :2] = float("-inf")  # masked vocabulary entries
@@ -399,3 +381,84 @@ def test_gather_logprobs_values_gradients_and_entropy(monkeypatch, chunk_element
     # temperature 0 (greedy sampling) scores under the untempered distribution
     close(gather_logprobs(lb.detach(), torch.tensor([1]), torch.tensor([2]), temperature=0.0)[0], ref[:1],
           atol=1e-6, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- registries
+
+# every key each registry must hold, and the function it names; a new key is added here too
+REGISTERED = {
+    "advantage estimator": (ADVANTAGE_ESTIMATORS, {"grpo": group_advantages}),
+    "KL estimator": (KL_ESTIMATORS, {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}),
+    "policy loss": (POLICY_LOSSES, {"ppo_clip": clipped_surrogate}),
+    "loss aggregation": (LOSS_AGGREGATIONS, {"seq_mean_token_mean": seq_mean_token_mean,
+                                             "token_mean": token_mean, "seq_sum_constant": seq_sum_constant}),
+}
+ENTRIES = [(kind, key, fn) for kind, (_, table) in REGISTERED.items() for key, fn in table.items()]
+
+
+@pytest.mark.parametrize("kind", REGISTERED)
+def test_registry_holds_exactly_the_expected_keys(kind):
+    registry, table = REGISTERED[kind]
+    assert registry.kind == kind
+    assert dict(registry) == table
+
+
+@pytest.mark.parametrize("kind, key, fn", ENTRIES, ids=[f"{kind}:{key}" for kind, key, _ in ENTRIES])
+def test_each_key_resolves_to_its_function_with_the_equation_documented(kind, key, fn):
+    registry, _ = REGISTERED[kind]
+    assert registry.get_fn(key) is fn
+    # the equation lives in the docstring
+    assert " = " in (fn.__doc__ or ""), f"{fn.__name__} ({kind} {key!r}) has no equation in its docstring"
+
+
+@pytest.mark.parametrize("kind", REGISTERED)
+def test_an_unknown_key_names_the_valid_keys(kind):
+    registry, table = REGISTERED[kind]
+    with pytest.raises(ValueError) as err:
+        registry.get_fn("no_such_key")
+    message = str(err.value)
+    assert kind in message and "no_such_key" in message
+    for key in table:
+        assert key in message
+
+
+def test_registering_a_name_twice_raises_and_keeps_the_first():
+    registry = Registry("widget")
+
+    @registry.register("a")
+    def first():
+        pass
+
+    def second():
+        pass
+
+    with pytest.raises(ValueError, match="widget 'a' is registered twice"):
+        registry.register("a")(second)
+    assert registry.get_fn("a") is first
+    # the shipped registries refuse a second function under a taken key, too
+    with pytest.raises(ValueError, match="registered twice"):
+        LOSS_AGGREGATIONS.register("token_mean")(second)
+    assert LOSS_AGGREGATIONS["token_mean"] is token_mean
+
+
+def test_aggregate_loss_dispatches_through_the_registry():
+    seen = {}
+
+    @LOSS_AGGREGATIONS.register("test_seq_max")
+    def seq_max(masked, mask, *, num_sequences, num_tokens, constant):
+        """Largest token loss of each answer, averaged:  L = sum_i max_t m_it l_it / num_sequences"""
+        seen.update(masked=masked, mask=mask, num_sequences=num_sequences, num_tokens=num_tokens)
+        return masked.amax(dim=-1).sum() / num_sequences
+
+    try:
+        loss = t([[1.0, 2.0, float("nan")], [4.0, float("inf"), 6.0]])
+        mask = torch.tensor([[1, 1, 0], [1, 0, 1]])
+        # row maxima over valid tokens: 2 and 6 -> (2 + 6) / 2; padding arrives as 0, the mask as bool
+        close(aggregate_loss(loss, mask, "test_seq_max"), t(4.0))
+        close(seen["masked"], [[1.0, 2.0, 0.0], [4.0, 0.0, 6.0]])
+        assert seen["mask"].dtype == torch.bool and seen["num_sequences"] == 2 and int(seen["num_tokens"]) == 4
+        close(aggregate_loss(loss, mask, "test_seq_max", num_sequences=4), t(2.0))
+    finally:
+        del LOSS_AGGREGATIONS["test_seq_max"]
+    with pytest.raises(ValueError, match="unknown loss aggregation 'test_seq_max'"):
+        aggregate_loss(loss, mask, "test_seq_max")

@@ -10,16 +10,13 @@ from policyopt.data.loading import DataError
 from policyopt.data.preferences import (
     BuiltinPreferenceConfig,
     PreferenceColumns,
-    builtin_preferences,
-    corrupt_answer,
     count_pairs,
     groups_from_rows,
-    is_correct,
-    label_group,
     load_preference_groups,
     split_groups,
     write_groups,
 )
+from policyopt.rollout.preferences import builtin_preferences, corrupt_answer, is_correct, label_group
 
 
 def _pairs_as_text(group):

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from policyopt.algorithms.ppo import grouped_pairwise_loss
+from policyopt.algorithms import grouped_pairwise_loss
 from policyopt.cli import main
 from policyopt.data.preferences import load_preference_groups, split_groups
 from policyopt.models.loading import ModelLoadError
@@ -161,7 +161,7 @@ def _preference_file(tmp_path):
 
 def test_reward_model_learns_heldout_preferences_and_saves_its_stats(tmp_path):
     cfg = config_from_dict(RewardModelConfig, {
-        "output_dir": str(tmp_path / "run"), "epochs": 8, "batch_size": 16, "lr": 5e-3, "warmup_steps": 0,
+        "output_dir": str(tmp_path / "run"), "epochs": 8, "batch_size": 16, "optim": {"lr": 5e-3, "warmup_steps": 0},
         "eval_every": 10, "tensorboard": False, "model": {"tiny": TINY},
         "data": {"path": str(_preference_file(tmp_path)), "eval_size": 20}})
     summary = run_reward_model(cfg)

@@ -1,22 +1,22 @@
-"""Pure-torch math for RL post-training: advantages, KL estimators, losses, loss aggregation."""
+"""Pure-torch math for RL post-training: advantages, KL estimators, losses, loss aggregation, log-probs.
+
+Nothing here imports the rest of policyopt: only torch.
+"""
 
 from .advantages import ADVANTAGE_ESTIMATORS, gae_advantages, group_advantages, whiten, zero_std_group_fraction
-from .aggregation import LOSS_AGGREGATIONS, aggregate_loss, masked_mean
+from .aggregation import LOSS_AGGREGATIONS, aggregate_loss, last_token_index, masked_mean
 from .kl import KL_ESTIMATORS, kl_k1, kl_k2, kl_k3
-from .losses import (
-    POLICY_LOSSES,
-    bradley_terry_loss,
-    clipped_surrogate,
-    clipped_value_loss,
-    selective_log_softmax,
-    gather_logprobs,
-    token_entropy,
-)
+from .logprobs import gather_logprobs, token_entropy
+from .losses import POLICY_LOSSES, bradley_terry_loss, clipped_surrogate, clipped_value_loss, grouped_pairwise_loss
+from .ppo import adaptive_kl_coef, explained_variance, kl_shaped_rewards
+from .registry import Registry
 
 __all__ = [
+    "Registry",
     "ADVANTAGE_ESTIMATORS",
     "KL_ESTIMATORS",
     "POLICY_LOSSES",
+    "LOSS_AGGREGATIONS",
     "group_advantages",
     "zero_std_group_fraction",
     "whiten",
@@ -27,10 +27,13 @@ __all__ = [
     "clipped_surrogate",
     "clipped_value_loss",
     "bradley_terry_loss",
+    "grouped_pairwise_loss",
     "token_entropy",
-    "selective_log_softmax",
     "gather_logprobs",
-    "LOSS_AGGREGATIONS",
     "aggregate_loss",
     "masked_mean",
+    "last_token_index",
+    "kl_shaped_rewards",
+    "adaptive_kl_coef",
+    "explained_variance",
 ]

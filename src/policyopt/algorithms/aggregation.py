@@ -1,4 +1,5 @@
-"""Reduction of per-token losses to a scalar, with gradient-accumulation-exact normalisers."""
+"""Reduction of per-token losses to a scalar, with gradient-accumulation-exact normalisers, and the
+mask utilities it rests on (masked mean, last valid position)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from torch import Tensor
 
 from .registry import Registry
 
-__all__ = ["LOSS_AGGREGATIONS", "aggregate_loss", "masked_mean"]
+__all__ = ["LOSS_AGGREGATIONS", "aggregate_loss", "last_token_index", "masked_mean"]
 
 # every aggregation takes (masked per-token loss [B, T] with 0 at padding, mask [B, T] bool) and the
 # minibatch's num_sequences, num_tokens and constant, and returns the scalar loss
@@ -28,6 +29,17 @@ def masked_mean(values: Tensor, mask: Tensor, dim: Optional[int] = None) -> Tens
     if dim is None:
         return filled.sum() / m.sum().clamp(min=1)
     return filled.sum(dim=dim) / m.sum(dim=dim).clamp(min=1)
+
+
+def last_token_index(mask: Tensor) -> Tensor:
+    """Index of the last valid (mask = 1) position of each row of a [B, T] mask; 0 for an empty row.
+
+        last_i = max { t : m_it = 1 }
+
+    Works for right- and left-padded masks alike.
+    """
+    positions = torch.arange(mask.size(-1), device=mask.device)
+    return (positions * mask.bool().long()).argmax(dim=-1)
 
 
 def aggregate_loss(

@@ -1,5 +1,5 @@
 """PPO-for-LLMs pieces that are not shared with GRPO: per-token reward shaping, the adaptive KL
-controller, explained variance, and the pairwise reward-model objective averaged per prompt.
+controller and explained variance.
 
 Pure torch functions; no model, no state. GAE, whitening and the clipped losses live beside them
 (``advantages.py``, ``losses.py``).
@@ -10,27 +10,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .aggregation import last_token_index
 from .kl import kl_k1
-from .losses import bradley_terry_loss
 
 __all__ = [
     "adaptive_kl_coef",
     "explained_variance",
-    "grouped_pairwise_loss",
     "kl_shaped_rewards",
-    "last_token_index",
 ]
-
-
-def last_token_index(mask: Tensor) -> Tensor:
-    """Index of the last valid (mask = 1) position of each row of a [B, T] mask; 0 for an empty row.
-
-        last_i = max { t : m_it = 1 }
-
-    Works for right- and left-padded masks alike.
-    """
-    positions = torch.arange(mask.size(-1), device=mask.device)
-    return (positions * mask.bool().long()).argmax(dim=-1)
 
 
 def kl_shaped_rewards(
@@ -103,33 +90,3 @@ def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
     if var_r == 0:
         return float("nan")
     return float(1.0 - (r - v).var(unbiased=False) / var_r)
-
-
-def grouped_pairwise_loss(
-    chosen_rewards: Tensor,
-    rejected_rewards: Tensor,
-    group: Tensor,
-    margin: Tensor | None = None,
-    center_coef: float = 0.0,
-) -> Tensor:
-    """Bradley–Terry reward-model loss averaged over each prompt's pairs first, then over prompts.
-
-        l_p = -log sigmoid(r_c,p - r_r,p - m_p) + center_coef * (r_c,p + r_r,p)^2
-        L   = (1 / G) * sum_g (1 / |P_g|) * sum_{p in P_g} l_p
-
-    where P_g are the pairs of prompt g and G the number of prompts in the batch. A ranking of K
-    answers contributes K(K-1)/2 pairs but weighs the same as a single pair (InstructGPT: "all
-    (K choose 2) comparisons from each prompt as a single batch element"). The centring term is
-    TRL's ``center_rewards_coefficient`` (Eisenstein et al. 2023), which pins the scores near 0.
-
-    Args:
-        chosen_rewards, rejected_rewards: [P] scores of each pair's preferred and other answer.
-        group: [P] integer id of the prompt each pair belongs to (any ids; they need not be contiguous).
-        margin: [P] optional margins (Llama 2).
-    """
-    per_pair = bradley_terry_loss(chosen_rewards, rejected_rewards, margin)
-    if center_coef:
-        per_pair = per_pair + center_coef * (chosen_rewards + rejected_rewards) ** 2
-    _, group_index, pairs_per_group = torch.unique(group, return_inverse=True, return_counts=True)
-    weights = 1.0 / pairs_per_group[group_index].to(per_pair.dtype)
-    return (per_pair * weights).sum() / pairs_per_group.numel()

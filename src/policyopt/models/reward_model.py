@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel
 
-from ..algorithms.ppo import last_token_index
+from ..algorithms import last_token_index
 from ..data.batching import pad_rows
 from ..data.loading import completion_text, format_prompt
 from .loading import (

@@ -38,10 +38,7 @@ class Rollout:
     prompt_mask: torch.Tensor  # [N, P] 1 on real prompt tokens
     completion_ids: torch.Tensor  # [N, T] right-padded with the pad id
     completion_mask: torch.Tensor  # [N, T] 1 on generated tokens up to and including EOS
-    # [N, T] log pi(token) under the tempered sampling distribution, 0 on padding; None when not recorded
-    sample_logprobs: torch.Tensor | None
     finished: torch.Tensor  # [N] bool: the completion ended with EOS (not cut at max_new_tokens)
-    group_size: int
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -77,27 +74,19 @@ def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = 
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=probs.size(-1) - 1)
 
 
-def _next_tokens(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None,
-                 with_logprobs: bool = True):
-    """Pick one token per row; return it with its log-probability under the tempered, unfiltered policy.
+def _next_tokens(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """Pick one token per row [R] from logits [R, V]: the argmax when greedy, else a draw from
 
-    The recorded log-probability is the quantity the trainer recomputes (logits / temperature, full
-    vocabulary), so with one update per rollout the importance ratio starts at exactly 1.
+        p = softmax( filter_logits(logits / temperature, top_k, top_p) )
+
+    The trainers recompute the sampled tokens' log-probabilities (logits / temperature, full vocabulary).
     """
     logits = logits.float()
     if sampling.temperature == 0:
-        tokens = logits.argmax(dim=-1)
-        if not with_logprobs:
-            return tokens, None
-        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
-        return tokens, logprobs
+        return logits.argmax(dim=-1)
     scaled = logits / sampling.temperature if sampling.temperature != 1 else logits
     probs = filter_logits(scaled, sampling.top_k, sampling.top_p).softmax(dim=-1)
-    tokens = sample_categorical(probs, generator)
-    if not with_logprobs:
-        return tokens, None
-    logprobs = (scaled.gather(-1, tokens[:, None]).squeeze(-1) - torch.logsumexp(scaled, dim=-1))
-    return tokens, logprobs
+    return sample_categorical(probs, generator)
 
 
 @torch.no_grad()
@@ -110,13 +99,11 @@ def sample_completions(
     eos_token_id: int,
     pad_token_id: int,
     generator: torch.Generator | None = None,
-    record_logprobs: bool = True,
 ) -> Rollout:
     """Sample ``group_size`` completions for each prompt.
 
     Work saved without changing the samples' distribution:
     - each prompt is prefilled once and its KV cache repeated G times;
-    - ``record_logprobs=False`` skips the per-step log-softmax when the caller recomputes log-probs;
     - rows that have emitted EOS are dropped from the batch (cache included) once a quarter of the
       active rows have finished, so finished answers stop costing compute.
     """
@@ -143,18 +130,15 @@ def sample_completions(
     next_pos = positions[:, -1].repeat_interleave(group_size, dim=0) + 1  # [N]
 
     tokens_out = torch.full((n, sampling.max_new_tokens), pad_token_id, dtype=torch.long, device=device)
-    logprobs_out = torch.zeros((n, sampling.max_new_tokens), dtype=torch.float32, device=device)
     lengths = torch.zeros(n, dtype=torch.long, device=device)
     finished = torch.zeros(n, dtype=torch.bool, device=device)
     active = torch.arange(n, device=device)  # original row of each row still in the batch
 
     for step in range(sampling.max_new_tokens):
-        tokens, logprobs = _next_tokens(logits, sampling, generator, record_logprobs)
+        tokens = _next_tokens(logits, sampling, generator)
         was_done = finished[active]  # rows that ended earlier but are not compacted away yet
         tokens = tokens.masked_fill(was_done, pad_token_id)
         tokens_out[active, step] = tokens
-        if record_logprobs:
-            logprobs_out[active, step] = logprobs.masked_fill(was_done, 0.0)
         lengths[active] += (~was_done).long()
         finished[active] = was_done | (tokens == eos_token_id)
         if step == sampling.max_new_tokens - 1 or bool(finished.all()):
@@ -186,7 +170,5 @@ def sample_completions(
         prompt_mask=prompt_mask.repeat_interleave(group_size, dim=0),
         completion_ids=completion_ids,
         completion_mask=completion_mask,
-        sample_logprobs=logprobs_out[:, :width] * completion_mask if record_logprobs else None,
         finished=finished,
-        group_size=group_size,
     )
