@@ -96,7 +96,8 @@ def test_over_long_prompts_truncate_skip_or_error(capsys, files):
     (["sampling.temprature=0.5"], "unknown config key sampling.temprature (did you mean sampling.temperature?)"),
     (["sampling.temperature=-1"], "sampling.temperature must be >= 0"),
     (["group_size=1"], "group_size must be >= 2"),
-    (["lr=fast"], "lr must be a number"),
+    (["optim.lr=fast"], "optim.lr must be a number"),
+    (["lr=1e-4"], "did you mean optim.lr"),
     (["model.name_or_path=./no/such/model"], "model path './no/such/model' does not exist"),
 ])
 def test_bad_config_and_model_path(capsys, files, overrides, expected):

@@ -10,8 +10,8 @@ import time
 import pytest
 
 from policyopt.cli import main
-from policyopt.recipes.pipeline import PipelineConfig, StepMemoryProbe, run_pipeline
-from policyopt.runtime.config import ConfigError, config_from_dict
+from policyopt.recipes.pipeline import StepMemoryProbe, pipeline_config, run_pipeline
+from policyopt.runtime.config import ConfigError
 from policyopt.runtime.metrics import read_metrics
 
 TINY = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64}
@@ -25,11 +25,11 @@ def _mini(tmp_path, **extra):
         "reward": {"epochs": 1, "batch_size": 16, "eval_every": 0, "tensorboard": False,
                    "data": {"builtin": {"num_prompts": 24, "eval_prompts": 8, "answers_per_prompt": 3}}},
         "ppo": {"steps": 3, "prompts_per_step": 16, "num_minibatches": 2, "eval_every": 2, "tensorboard": False},
-        "grpo": {"steps": 3, "prompts_per_step": 4, "group_size": 4, "minibatch_size": 8, "eval_every": 2,
+        "grpo": {"steps": 3, "prompts_per_step": 4, "group_size": 4, "num_minibatches": 2, "eval_every": 2,
                  "tensorboard": False},
     }
     overrides.update(extra)
-    return config_from_dict(PipelineConfig, overrides)
+    return pipeline_config(overrides)  # the preset, with these laid over it section by section
 
 
 def _numbers(value):
@@ -83,18 +83,20 @@ def test_pipeline_report_numbers_all_come_from_the_run(tmp_path):
 
 
 def test_pipeline_keeps_its_defaults_under_overrides():
-    config = config_from_dict(PipelineConfig, {}, ["ppo.steps=7", "grpo.steps=7", "task.steps=2",
-                                                   "reward.data.builtin.num_prompts=50"])
-    default = PipelineConfig()
+    config = pipeline_config(["ppo.steps=7", "grpo.steps=7", "task.steps=2", "reward.data.builtin.num_prompts=50",
+                              "grpo.optim.warmup_steps=0"])
+    default = pipeline_config()
     assert config.ppo.steps == 7 and config.ppo.prompts_per_step == default.ppo.prompts_per_step
-    assert config.ppo.lr == default.ppo.lr and config.ppo.sampling == default.ppo.sampling
+    assert config.ppo.optim == default.ppo.optim and config.ppo.sampling == default.ppo.sampling
+    assert config.grpo.optim.warmup_steps == 0 and config.grpo.optim.lr == default.grpo.optim.lr == 1e-3
+    assert config.ppo.missing_eos_penalty == default.ppo.missing_eos_penalty == 1.0
     assert config.task.steps == 2 and config.task.operators == default.task.operators
     assert config.reward.data.builtin.num_prompts == 50
     assert config.reward.data.builtin.eval_prompts == default.reward.data.builtin.eval_prompts
     with pytest.raises(ConfigError, match="same answers per step"):
-        config_from_dict(PipelineConfig, {}, ["ppo.prompts_per_step=64"])
-    with pytest.raises(ConfigError, match="ppo: unknown config key stepz"):
-        config_from_dict(PipelineConfig, {}, ["ppo.stepz=1"])
+        pipeline_config(["ppo.prompts_per_step=64"])
+    with pytest.raises(ConfigError, match=r"unknown config key ppo\.stepz \(did you mean ppo\.steps\?\)"):
+        pipeline_config(["ppo.stepz=1"])
 
 
 def test_memory_probe_cuts_samples_at_each_metrics_record(tmp_path):
@@ -137,7 +139,7 @@ def test_pipeline_cli_with_isolated_stages(tmp_path):
     args = ["pipeline", "--output-dir", str(out), "isolate_stages=true", "num_demonstrations=40", "eval_size=16",
             "task.steps=1", "sft.steps=10", "reward.epochs=1", "reward.data.builtin.num_prompts=24",
             "reward.data.builtin.eval_prompts=8", "ppo.steps=2", "grpo.steps=2", "ppo.prompts_per_step=16",
-            "grpo.prompts_per_step=4", "grpo.group_size=4", "grpo.minibatch_size=8"]
+            "grpo.prompts_per_step=4", "grpo.group_size=4", "grpo.num_minibatches=2"]
     args += [f"tiny.{k}={v}" for k, v in TINY.items()]
     assert main(args) == 0
     saved = json.loads((out / "summary.json").read_text())

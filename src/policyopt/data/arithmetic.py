@@ -14,10 +14,10 @@ _TOKEN = re.compile(r"\d+|[+\-*]")
 class ArithmeticTask:
     """Shape of the generated problems, e.g. ``12+7*3=`` for steps=2."""
 
-    min_digits: int = 1
-    max_digits: int = 2
-    operators: str = "+-*"
-    steps: int = 1
+    min_digits: int = 1  # fewest digits of an operand
+    max_digits: int = 2  # most digits of an operand
+    operators: str = "+-*"  # the operators problems draw from, e.g. "+" or "+-*"
+    steps: int = 1  # operations per problem (steps + 1 operands)
 
     def validate(self) -> None:
         """Raise ValueError if any setting is out of range."""

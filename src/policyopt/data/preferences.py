@@ -60,10 +60,10 @@ class PreferenceGroup:
 class PreferenceColumns:
     """Where each part of a preference row lives."""
 
-    prompt: str = "prompt"
-    chosen: str = "chosen"
-    rejected: str = "rejected"
-    margin: str = "margin"
+    prompt: str = "prompt"  # column holding the prompt (text or chat messages)
+    chosen: str = "chosen"  # column holding the preferred answer of a pair
+    rejected: str = "rejected"  # column holding the other answer of a pair
+    margin: str = "margin"  # optional column: how much better chosen is (Llama 2 margin)
     ranking: str = "answers"  # best to worst
 
 
@@ -174,9 +174,9 @@ class BuiltinPreferenceConfig:
     answers_per_prompt: int = 8  # K, sampled from the policy
     num_corrupted: int = 2  # wrong variants of the right answer per prompt
     include_long_correct: bool = True  # the right answer with padding inside the tags: correct but longer
-    temperature: float = 1.0
-    max_new_tokens: int = 16
-    label_noise: float = 0.0
+    temperature: float = 1.0  # sampling temperature of the policy's answers
+    max_new_tokens: int = 16  # the policy's answers are cut at this many tokens
+    label_noise: float = 0.0  # probability that a training pair is flipped (held-out pairs never are)
 
     def validate(self) -> None:
         if self.num_prompts < 1 or self.eval_prompts < 0:

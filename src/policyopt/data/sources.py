@@ -20,11 +20,11 @@ DEMO_SEED_OFFSET = 2_000_003
 class DataConfig:
     path: str | None = None  # JSONL / JSON / parquet / saved HF dataset; null: the built-in arithmetic task
     eval_path: str | None = None  # held-out rows; null: hold out eval_size rows of `path`
-    prompt_column: str = "prompt"
+    prompt_column: str = "prompt"  # the dataset column holding each prompt
     completion_column: str = "completion"  # SFT only
     task: ArithmeticTask = field(default_factory=ArithmeticTask)
-    eval_size: int = 200
-    max_prompt_tokens: int = 256
+    eval_size: int = 200  # held-out rows (of `path`, at most a fifth of it, or of the built-in task)
+    max_prompt_tokens: int = 256  # longest prompt in tokens; see long_prompts for longer ones
     long_prompts: str = "truncate"  # prompts over max_prompt_tokens: truncate (keep the end), skip, or error
     num_demonstrations: int = 300  # SFT on the built-in task: how many worked examples
 

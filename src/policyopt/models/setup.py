@@ -24,7 +24,7 @@ class ModelConfig:
     # forward passes under autocast: auto = bf16 on CPUs with fast bf16 units (AMX) for models with hidden
     # size >= 256 when dtype is auto (weights and optimizer stay fp32); off; bfloat16; float16
     autocast: str = "auto"
-    device: str = "auto"
+    device: str = "auto"  # auto: cuda when available, else cpu; or any torch device name
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
 
     def validate(self) -> None:

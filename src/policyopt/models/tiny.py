@@ -38,11 +38,11 @@ CHAT_TEMPLATE = (
 class TinyModelConfig:
     """Shape of the locally built model (Llama-style: RMSNorm, RoPE, SwiGLU, tied embeddings)."""
 
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 4
-    intermediate_size: int = 256
-    max_position_embeddings: int = 256
+    hidden_size: int = 64  # width of the built model
+    num_layers: int = 2  # transformer blocks
+    num_heads: int = 4  # attention heads (must divide hidden_size)
+    intermediate_size: int = 256  # width of each MLP
+    max_position_embeddings: int = 256  # longest prompt + answer the model handles
     vocab_size: int = 320  # target BPE vocabulary (256 bytes + specials + merges)
 
     def validate(self) -> None:

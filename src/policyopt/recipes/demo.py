@@ -6,6 +6,8 @@
 3. GRPO on fresh prompts that carry only what the verifier needs (the answer), scored 0/1.
 4. Control: the same SFT continued on the same demonstrations for as long as GRPO ran, so the
    summary shows what the reward signal added over more imitation.
+
+The values are the demo preset's, ``policyopt/configs/demo.yaml``: ``demo_config()`` loads it.
 """
 
 from __future__ import annotations
@@ -13,49 +15,37 @@ from __future__ import annotations
 import copy
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from ..data.arithmetic import ArithmeticTask
 from ..models.tiny import TinyModelConfig, count_parameters
-from ..runtime.config import save_config
+from ..runtime.config import load_config, save_config
 from ..runtime.plots import plot_run
 from .grpo import GRPOConfig, run_grpo
 from .sft import SFTConfig, run_sft
 
-
-def _default_task() -> ArithmeticTask:
-    # Sums of four 1-digit numbers ("3+7+0+9="): 10^4 problems, so a few hundred demonstrations
-    # teach the format and some of the skill, and fresh prompts never run out. (Products and
-    # 2-digit operands are beyond what a 150k-parameter model learns from so few examples.)
-    return ArithmeticTask(min_digits=1, max_digits=1, operators="+", steps=3)
-
-
-def _default_sft() -> SFTConfig:
-    # 200 steps leaves the model at roughly 10-15% held-out accuracy: partial on purpose.
-    return SFTConfig(steps=200, batch_size=32, lr=2e-3, warmup_steps=10, eval_every=0)
-
-
-def _default_grpo() -> GRPOConfig:
-    config = GRPOConfig(steps=400, prompts_per_step=64, group_size=8, lr=1e-3, warmup_steps=10, eval_every=50)
-    # At temperature 1 this model's samples are right ~1% of the time even when greedy answers are
-    # right 10%: too few successes to learn from. 0.7 keeps exploration with a usable success rate.
-    config.sampling.temperature = 0.7
-    config.sampling.max_new_tokens = 12
-    return config
+PRESET = "demo"  # policyopt/configs/demo.yaml: the values `policyopt demo` runs with
 
 
 @dataclass
 class DemoConfig:
-    output_dir: str = "runs/demo"
-    seed: int = 0
-    task: ArithmeticTask = field(default_factory=_default_task)
-    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
-    num_demonstrations: int = 300
-    eval_size: int = 200
-    sft: SFTConfig = field(default_factory=_default_sft)
-    grpo: GRPOConfig = field(default_factory=_default_grpo)
-    sft_control: bool = True
+    """The demo's settings. Its values come from the demo preset (``demo_config()``); the class defaults
+    are the single commands' own, so ``DemoConfig()`` alone is not the demo."""
+
+    output_dir: str = "runs/demo"  # the demo's summary and curves; its stages write to sft/, grpo/, sft_control/
+    seed: int = 0  # one seed for every stage
+    task: ArithmeticTask = field(default_factory=ArithmeticTask)  # the built-in arithmetic every stage uses
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)  # shape of the model built for SFT
+    num_demonstrations: int = 300  # worked examples SFT learns from
+    eval_size: int = 200  # held-out prompts for accuracy, never trained on
+    sft: SFTConfig = field(default_factory=SFTConfig)  # the SFT warm start (and the control)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)  # GRPO from the SFT model
+    sft_control: bool = True  # also continue SFT for GRPO's wall time, the baseline GRPO must beat
+    # auto: finish an interrupted demo (stages that finished are kept, the interrupted one resumes)
+    resume: Literal["auto"] | None = None
 
     def validate(self) -> None:
         self.task.validate()
@@ -64,6 +54,31 @@ class DemoConfig:
         self.grpo.validate()
         if self.sft.data.path is not None or self.grpo.data.path is not None:
             raise ValueError("the demo runs on the built-in task; use `policyopt sft` / `policyopt grpo` for files")
+
+
+def demo_config(overrides: list[str] | Mapping | None = None) -> DemoConfig:
+    """The demo preset with ``overrides`` (``key=value`` strings or a nested mapping) laid over it."""
+    return load_config(DemoConfig, PRESET, overrides)
+
+
+def _stage(run, config, resume: str | None) -> dict:
+    """Run one stage; when resuming, a stage that finished before is read back, not run again."""
+    done = Path(config.output_dir) / "summary.json"
+    if resume is not None:
+        if done.exists():
+            return json.loads(done.read_text())
+        config.resume = resume
+    else:
+        done.unlink(missing_ok=True)  # an earlier demo's: a later resume must not take it for this run's
+    return run(config)
+
+
+def _parameters(summary: dict) -> int:
+    if "model" in summary:
+        return count_parameters(summary["model"])
+    from transformers import AutoModelForCausalLM  # a stage finished before a resume: count the saved model
+
+    return count_parameters(AutoModelForCausalLM.from_pretrained(summary["model_dir"]))
 
 
 def run_demo(config: DemoConfig) -> dict:
@@ -79,14 +94,14 @@ def run_demo(config: DemoConfig) -> dict:
     sft.data.task, sft.data.eval_size = config.task, config.eval_size
     sft.data.num_demonstrations = config.num_demonstrations
     sft.max_new_tokens = config.grpo.sampling.max_new_tokens
-    sft_summary = run_sft(sft)
+    sft_summary = _stage(run_sft, sft, config.resume)
     sft_model_dir = sft_summary["model_dir"]
 
     grpo = copy.deepcopy(config.grpo)
     grpo.output_dir, grpo.seed = str(out / "grpo"), config.seed
     grpo.model.name_or_path = sft_model_dir
     grpo.data.task, grpo.data.eval_size = config.task, config.eval_size
-    grpo_summary = run_grpo(grpo)
+    grpo_summary = _stage(run_grpo, grpo, config.resume)
 
     control_summary = None
     if config.sft_control:
@@ -95,8 +110,9 @@ def run_demo(config: DemoConfig) -> dict:
         control.output_dir = str(out / "sft_control")
         control.model.name_or_path = sft_model_dir
         control.steps, control.max_seconds = 10**9, grpo_summary["seconds"]
-        control.lr_schedule, control.warmup_steps, control.save_final = "constant_with_warmup", 0, False
-        control_summary = run_sft(control)
+        control.optim.lr_schedule, control.optim.warmup_steps = "constant_with_warmup", 0
+        control.save_final = False
+        control_summary = _stage(run_sft, control, config.resume)
 
     summary = {
         "accuracy_sft_start": sft_summary["accuracy_before"],
@@ -108,7 +124,7 @@ def run_demo(config: DemoConfig) -> dict:
         "grpo_steps": grpo.steps,
         "grpo_seconds": grpo_summary["seconds"],
         "sft_seconds": sft_summary["seconds"],
-        "model_parameters": count_parameters(sft_summary["model"]),
+        "model_parameters": _parameters(sft_summary),
         "seconds": time.perf_counter() - start,
         "seed": config.seed,
         "outputs": {"sft": sft.output_dir, "grpo": grpo.output_dir, "final_model": grpo_summary["model_dir"]},

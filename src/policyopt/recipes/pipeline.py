@@ -16,6 +16,8 @@ exact-answer accuracy is computed at weight 0: logged and evaluated on held-out 
 on. Each stage runs in a fresh process (``isolate_stages``), so its memory is its own; a sampler thread
 records the peak memory of every step (process RSS on a CPU, ``torch.cuda.max_memory_allocated`` on a
 GPU). The report (``summary.json``, ``report.md``, ``curves.png``) holds only numbers this run measured.
+
+The values are the pipeline preset's, ``policyopt/configs/pipeline.yaml``: ``pipeline_config()`` loads it.
 """
 
 from __future__ import annotations
@@ -28,16 +30,17 @@ import resource
 import statistics
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Literal
 
 import torch
 
 from ..data.arithmetic import ArithmeticTask
 from ..models.tiny import TinyModelConfig
 from ..rewards.combine import REWARD_MODEL_PREFIX, RewardSpec
-from ..runtime.config import ConfigError, config_from_dict, save_config
+from ..runtime.config import config_from_dict, load_config, save_config
 from ..runtime.metrics import read_metrics
 from .grpo import GRPOConfig, run_grpo
 from .ppo import PPOConfig, run_ppo
@@ -54,69 +57,36 @@ STAGES = {
 }
 
 
-def _default_task() -> ArithmeticTask:
-    # the sum of four digits ("3+5+2+9="): a short SFT leaves the tiny model at ~30%, so RL has room
-    return ArithmeticTask(min_digits=1, max_digits=1, operators="+", steps=3)
-
-
-def _default_sft() -> SFTConfig:
-    return SFTConfig(steps=250, batch_size=32, lr=1e-3, warmup_steps=10, eval_every=0)
-
-
-def _default_reward() -> RewardModelConfig:
-    config = RewardModelConfig(epochs=4.0, batch_size=32, lr=1e-3, warmup_steps=10, eval_every=50)
-    config.data.builtin.num_prompts = 2000
-    config.data.builtin.eval_prompts = 200
-    config.data.builtin.temperature = 0.7  # the RL stages' sampling temperature: the answers RL will produce
-    return config
-
-
-# PPO and GRPO share the optimisation schedule (answers per step, 4 passes over 2 minibatches, learning
-# rate, temperature), so what differs is the advantage estimate: a value model and GAE, or the group.
-def _default_ppo() -> PPOConfig:
-    config = PPOConfig(steps=150, prompts_per_step=128, samples_per_prompt=1, num_ppo_epochs=4, num_minibatches=2,
-                       beta=0.05, lr=1e-3, warmup_steps=10, eval_every=25, missing_eos_penalty=1.0)
-    config.sampling.temperature, config.sampling.max_new_tokens = 0.7, 12
-    return config
-
-
-def _default_grpo() -> GRPOConfig:
-    config = GRPOConfig(steps=150, prompts_per_step=16, group_size=8, num_iterations=4, minibatch_size=64,
-                        beta=0.04, lr=1e-3, warmup_steps=10, eval_every=25)
-    config.sampling.temperature, config.sampling.max_new_tokens = 0.7, 12
-    return config
+PRESET = "pipeline"  # policyopt/configs/pipeline.yaml: the values `policyopt pipeline` runs with
 
 
 @dataclass
 class PipelineConfig:
-    output_dir: str = "runs/pipeline"
-    seed: int = 0
-    # Each stage's settings: a mapping of that stage's config fields. Fields left out keep the
-    # pipeline's defaults (the _default_* functions above), not the single command's, so
-    # `ppo.steps=40` changes the steps and nothing else.
-    task: Any = None  # ArithmeticTask
-    sft: Any = None  # SFTConfig
-    reward: Any = None  # RewardModelConfig
-    ppo: Any = None  # PPOConfig
-    grpo: Any = None  # GRPOConfig
-    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
-    num_demonstrations: int = 300
+    """The pipeline's settings. Its values come from the pipeline preset (``pipeline_config()``); the
+    class defaults are the single commands' own, so ``PipelineConfig()`` alone is not the pipeline."""
+
+    output_dir: str = "runs/pipeline"  # the report; each stage writes to a folder of its own in here
+    seed: int = 0  # one seed for every stage
+    task: ArithmeticTask = field(default_factory=ArithmeticTask)  # the built-in arithmetic every stage uses
+    sft: SFTConfig = field(default_factory=SFTConfig)  # stage 1: SFT of a tiny model on demonstrations
+    reward: RewardModelConfig = field(default_factory=RewardModelConfig)  # stage 2: the reward model
+    ppo: PPOConfig = field(default_factory=PPOConfig)  # stages 3-4: PPO (value head; separate critic)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)  # stage 5: GRPO
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)  # shape of the model built for SFT
+    num_demonstrations: int = 300  # worked examples SFT learns from
     eval_size: int = 200  # held-out prompts for accuracy, never used for training by any stage
-    run_ppo: bool = True
+    run_ppo: bool = True  # run PPO with the value model as a head on the policy's backbone
     # PPO a second time with the critic as a separate transformer (the reward model's backbone, a zero
     # head): the layout the "GRPO is cheaper without a value model" claim is about
     run_ppo_separate_critic: bool = True
-    run_grpo: bool = True
+    run_grpo: bool = True  # run GRPO (no value model)
     isolate_stages: bool = True  # each stage in a fresh process: memory numbers are that stage's own
     torch_threads: int = 1  # intra-op threads per stage (tiny models: 1 is fastest on a CPU); 0: torch's default
-    memory_sample_seconds: float = 0.005
+    memory_sample_seconds: float = 0.005  # how often the sampler thread reads the process's memory
+    # auto: continue an interrupted pipeline in the stage it was stopped in (finished stages are kept)
+    resume: Literal["auto"] | None = None
 
     def __post_init__(self) -> None:
-        self.task = _with_defaults("task", ArithmeticTask, _default_task, self.task)
-        self.sft = _with_defaults("sft", SFTConfig, _default_sft, self.sft)
-        self.reward = _with_defaults("reward", RewardModelConfig, _default_reward, self.reward)
-        self.ppo = _with_defaults("ppo", PPOConfig, _default_ppo, self.ppo)
-        self.grpo = _with_defaults("grpo", GRPOConfig, _default_grpo, self.grpo)
         self.share_settings()
 
     def share_settings(self) -> None:
@@ -139,8 +109,7 @@ class PipelineConfig:
             stage.validate()
         if self.sft.data.path is not None or self.reward.data.path is not None:
             raise ValueError("the pipeline runs on the built-in task; use the single commands for files")
-        ppo_answers = self.ppo.prompts_per_step * self.ppo.samples_per_prompt
-        grpo_answers = self.grpo.prompts_per_step * self.grpo.group_size
+        ppo_answers, grpo_answers = self.ppo.rollout_size, self.grpo.rollout_size
         if ppo_answers != grpo_answers or self.ppo.steps != self.grpo.steps:
             raise ValueError(f"PPO and GRPO must see the same answers per step ({ppo_answers} vs {grpo_answers}) "
                              f"for the same steps ({self.ppo.steps} vs {self.grpo.steps}) to be compared")
@@ -148,26 +117,9 @@ class PipelineConfig:
             raise ValueError("torch_threads must be >= 0 and memory_sample_seconds > 0")
 
 
-def _merge(base: dict, override: dict) -> dict:
-    merged = dict(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def _with_defaults(name: str, cls, default, value):
-    """A stage config: the pipeline's default with ``value``'s fields (a mapping) laid over it."""
-    if isinstance(value, cls):
-        return value
-    if value is not None and not isinstance(value, dict):
-        raise ConfigError(f"{name} must be a mapping of {cls.__name__} fields, got {value!r}")
-    try:
-        return config_from_dict(cls, _merge(dataclasses.asdict(default()), value or {}))
-    except ConfigError as exc:
-        raise ConfigError(f"{name}: {exc}") from None
+def pipeline_config(overrides: list[str] | Mapping | None = None) -> PipelineConfig:
+    """The pipeline preset with ``overrides`` (``key=value`` strings or a nested mapping) laid over it."""
+    return load_config(PipelineConfig, PRESET, overrides)
 
 
 def run_pipeline(config: PipelineConfig) -> dict:

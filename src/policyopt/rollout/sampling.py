@@ -17,9 +17,9 @@ from ..models.loading import cache_keyword
 @dataclass
 class SamplingConfig:
     temperature: float = 1.0  # 0 means greedy decoding
-    top_p: float = 1.0
+    top_p: float = 1.0  # nucleus sampling: keep the most likely tokens up to this mass (1: all)
     top_k: int = 0  # 0 disables top-k
-    max_new_tokens: int = 16
+    max_new_tokens: int = 16  # answers are cut at this many tokens
 
     def validate(self, prefix: str = "sampling") -> None:
         if self.temperature < 0:

@@ -12,6 +12,7 @@ field's comment in the dataclass source, so a config documents itself (``policyo
 from __future__ import annotations
 
 import ast
+import copy
 import dataclasses
 import difflib
 import functools
@@ -98,6 +99,17 @@ def _coerce(value: Any, tp: Any, key: str, base: Any = None) -> Any:
     return value
 
 
+def _nested_key(cls: type, key: str) -> list[str]:
+    """``[section.key]`` when ``key`` is not a field of ``cls`` but one of its sections has it (``lr`` ->
+    ``optim.lr``): the likeliest fix for a key that moved into a section."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        section = hints[f.name]
+        if dataclasses.is_dataclass(section) and key in {g.name for g in dataclasses.fields(section)}:
+            return [f"{f.name}.{key}"]
+    return []
+
+
 def _build(cls: type[T], data: dict, prefix: str = "", base: Any = None) -> T:
     """``cls`` with the keys in ``data`` set on top of ``base`` (or the class defaults).
 
@@ -115,7 +127,7 @@ def _build(cls: type[T], data: dict, prefix: str = "", base: Any = None) -> T:
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
-            close = difflib.get_close_matches(str(key), fields, n=1)
+            close = _nested_key(cls, str(key)) or difflib.get_close_matches(str(key), fields, n=1)
             hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
             raise ConfigError(
                 f"unknown config key {prefix}{key}{hint}; valid keys here: {', '.join(sorted(fields))}"
@@ -166,7 +178,7 @@ def merge(base: Mapping, override: Mapping) -> dict:
 
 def config_from_dict(cls: type[T], data: Mapping | None, overrides: list[str] | Mapping | None = None) -> T:
     """``cls`` from ``data`` with ``overrides`` on top: ``key=value`` strings or a nested mapping."""
-    data = dict(data or {})
+    data = copy.deepcopy(dict(data or {}))  # overrides go into nested sections: leave the caller's intact
     if isinstance(overrides, Mapping):
         data = merge(data, overrides)
     else:
@@ -202,7 +214,7 @@ def find_config(path_or_name: str | Path):
     name = str(path_or_name)
     stem = name[: -len(".yaml")] if name.endswith(".yaml") else name
     presets = ", ".join(preset_names())
-    if path.parent == Path(".") and stem:
+    if stem and "/" not in name and "\\" not in name:  # a bare name: a preset
         preset = _presets_dir().joinpath(f"{stem}.yaml")
         if preset.is_file():
             return preset
@@ -264,6 +276,7 @@ class ConfigKey:
     type: str  # e.g. "float", "int or null", "one of linear, cosine, constant_with_warmup"
     default: Any  # the value the config holds (a preset's value when built from one)
     meaning: str  # the field's comment in its dataclass ("" when it has none)
+    declared_in: str = ""  # module.Class whose body declares the field (where its comment belongs)
 
 
 def config_keys(config: Any) -> list[ConfigKey]:
@@ -292,7 +305,13 @@ def _keys(cls: type, instance: Any, prefix: str):
         if section is not None:
             yield from _keys(section, value, f"{prefix}{f.name}.")
         else:
-            yield ConfigKey(f"{prefix}{f.name}", describe_type(hints[f.name]), value, field_meaning(cls, f.name))
+            yield ConfigKey(f"{prefix}{f.name}", describe_type(hints[f.name]), value, field_meaning(cls, f.name),
+                            _declared_in(cls, f.name))
+
+
+def _declared_in(cls: type, name: str) -> str:
+    owner = next((k for k in cls.__mro__ if name in vars(k).get("__annotations__", {})), cls)
+    return f"{owner.__module__}.{owner.__qualname__}"
 
 
 def _field_default(f: dataclasses.Field) -> Any:
