@@ -26,7 +26,9 @@ import copy
 import dataclasses
 import json
 import logging
+import os
 import resource
+import signal
 import statistics
 import threading
 import time
@@ -40,8 +42,10 @@ import torch
 from ..data.arithmetic import ArithmeticTask
 from ..models.tiny import TinyModelConfig
 from ..rewards.combine import REWARD_MODEL_PREFIX, RewardSpec
-from ..runtime.config import config_from_dict, load_config, save_config
+from ..runtime.config import ConfigError, config_from_dict, load_config, save_config
+from ..runtime.checkpoint import list_checkpoints
 from ..runtime.metrics import read_metrics
+from ..runtime.signals import StopRequests, TrainingInterrupted
 from .grpo import GRPOConfig, run_grpo
 from .ppo import PPOConfig, run_ppo
 from .reward_model import RewardModelConfig, run_reward_model
@@ -127,6 +131,12 @@ def run_pipeline(config: PipelineConfig) -> dict:
     out = Path(config.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     config.share_settings()
+    if config.resume is None:
+        if any(list_checkpoints(stage / "checkpoints") for stage in out.iterdir() if stage.is_dir()):
+            raise ConfigError(f"{out} already holds checkpoints of an earlier pipeline: continue it with "
+                              "resume=auto (--resume), or choose another output_dir")
+        for stage in out.glob(f"*/{STAGE_RESULT}"):
+            stage.unlink()  # an earlier pipeline's: a later resume must not take it for this run's
     save_config(config, out / "config.yaml")
 
     # 1. SFT warm start on demonstrations of the task, from a tiny model built on them.
@@ -204,8 +214,10 @@ class StepMemoryProbe(threading.Thread):
             stopping = self._done.wait(self.interval)
             peak_rss = max(peak_rss, self._rss_mb())
             current, size = self._file()
-            if current != inode or size < offset:  # the recipe started a fresh metrics file
+            if current != inode:  # the recipe started a fresh metrics file
                 inode, offset, partial = current, 0, ""
+            elif size < offset:  # a resumed recipe cut the file back to its checkpoint: not new steps
+                offset, partial = size, ""
             if size > offset:
                 with self.metrics_path.open() as f:
                     f.seek(offset)
@@ -259,36 +271,84 @@ def _stage_body(name: str, config_dict: dict, threads: int, interval: float) -> 
 
 
 def _stage_child(name: str, config_dict: dict, threads: int, interval: float, result_path: str) -> None:
+    _die_with_parent()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         result = _stage_body(name, config_dict, threads, interval)
+    except TrainingInterrupted as exc:  # SIGTERM or Ctrl-C: the stage saved its state; the parent says so
+        Path(result_path).write_text(json.dumps({"interrupted": exc.signum, "checkpoint": str(exc.checkpoint)}))
+        return
     except BaseException as exc:  # reported by the parent, with the stage's name
         Path(result_path).write_text(json.dumps({"error": f"{type(exc).__name__}: {exc}"}))
         raise
     Path(result_path).write_text(json.dumps(result, default=str))
 
 
+def _die_with_parent() -> None:
+    """Have the kernel send this stage SIGTERM if the pipeline process dies (Linux), so a killed pipeline
+    leaves no orphan training on, and the stage checkpoints before it exits."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+STAGE_RESULT = "stage_result.json"  # written when a stage has finished; a resumed pipeline reads it back
+
+
 def _run_stage(name: str, stage_config, config: PipelineConfig) -> dict:
-    log.info("pipeline: %s stage -> %s", name, stage_config.output_dir)
+    """Run one stage, or read back its result when a resumed pipeline finished it before; the stage a
+    pipeline was stopped in continues from its newest checkpoint."""
+    directory = Path(stage_config.output_dir)
+    done = directory / STAGE_RESULT
+    if config.resume is not None:
+        if done.exists():
+            log.info("pipeline: %s stage finished before (%s)", name, directory)
+            return json.loads(done.read_text())
+        stage_config.resume = "auto"  # from its newest checkpoint; from the start when it has none
+    log.info("pipeline: %s stage -> %s", name, directory)
     config_dict = dataclasses.asdict(stage_config)
-    if not config.isolate_stages:
+    if config.isolate_stages:
+        result = _run_isolated(name, config_dict, config)
+    else:
         previous = torch.get_num_threads()
         try:
-            return _stage_body(name, config_dict, config.torch_threads, config.memory_sample_seconds)
+            result = _stage_body(name, config_dict, config.torch_threads, config.memory_sample_seconds)
         finally:
             torch.set_num_threads(previous)
+    result["resumed"] = config.resume is not None
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = done.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, default=str))
+    tmp.replace(done)
+    return result
+
+
+def _run_isolated(name: str, config_dict: dict, config: PipelineConfig) -> dict:
+    """``_stage_body`` in a fresh process; SIGTERM or Ctrl-C here is passed on, so the stage checkpoints."""
     import multiprocessing
 
-    result_path = Path(stage_config.output_dir).with_suffix(".result.json")
-    Path(stage_config.output_dir).mkdir(parents=True, exist_ok=True)
+    directory = Path(config_dict["output_dir"])
+    result_path = directory.with_suffix(".result.json")
+    directory.mkdir(parents=True, exist_ok=True)
     result_path.unlink(missing_ok=True)
     process = multiprocessing.get_context("spawn").Process(
         target=_stage_child, args=(name, config_dict, config.torch_threads, config.memory_sample_seconds,
                                    str(result_path)))
-    process.start()
-    process.join()
+    with StopRequests() as stop:
+        process.start()
+        forwarded = False
+        while process.is_alive():
+            process.join(0.2)
+            if stop.requested and not forwarded:
+                os.kill(process.pid, signal.SIGTERM)
+                forwarded = True
     result = json.loads(result_path.read_text()) if result_path.exists() else {"error": f"exit code {process.exitcode}"}
     result_path.unlink(missing_ok=True)
+    if "interrupted" in result:
+        raise TrainingInterrupted(result["interrupted"], result["checkpoint"])
     if "error" in result:
         raise RuntimeError(f"pipeline stage {name} failed: {result['error']}")
     return result
@@ -331,6 +391,7 @@ def _rl_summary(result: dict, out: Path, name: str) -> dict:
         "rss_growth_mb_per_step_median": _median(growth),
         "rss_growth_mb_per_step_max": max(growth) if growth else None,
         "stage_seconds": result["wall_seconds"],
+        "resumed": result.get("resumed", False),  # memory and time then cover the steps after the resume
         "value_model": summary.get("value_model", "none"),
         "device": result["device"],
         "threads": result["threads"],
