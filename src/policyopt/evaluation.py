@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 
 from .data.batching import decode_completions, encode_prompts
-from .models.loading import autocast_context
 from .rewards.combine import score_completions
 from .rollout.sampling import SamplingConfig, sample_completions
 
@@ -28,8 +27,8 @@ def evaluate(model, tokenizer, rows: list[dict], reward_functions, max_new_token
         chunk = rows[start: start + batch_size]
         prompts = [r["prompt"] for r in chunk]
         ids, mask, _ = encode_prompts(tokenizer, prompts, max_prompt_tokens, device)
-        with autocast_context(device, autocast):
-            rollout = sample_completions(model, ids, mask, 1, greedy, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        rollout = sample_completions(model, ids, mask, 1, greedy, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                                     autocast=autocast)
         texts = decode_completions(tokenizer, rollout.completion_ids, rollout.completion_mask)
         columns = {k: [r.get(k) for r in chunk] for k in chunk[0] if k != "prompt"}
         scores = score_completions(reward_functions, prompts, texts, columns, on_error=on_error)

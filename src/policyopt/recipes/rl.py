@@ -21,7 +21,7 @@ from ..data.loading import prompt_text
 from ..data.sources import DataConfig, PromptSource
 from ..evaluation import evaluate
 from ..models.forward import TokenBatch, trim_padding
-from ..models.loading import autocast_context, frozen_copy
+from ..models.loading import frozen_copy
 from ..models.setup import ModelConfig, forward_autocast, load_or_build
 from ..rewards.combine import RewardScores, RewardSpec, score_completions
 from ..rollout.sampling import SamplingConfig, sample_completions
@@ -176,9 +176,9 @@ def rollout_and_score(actors: Actors, config: RLConfig, generator: torch.Generat
     G = config.group_size
     prompt_ids, prompt_mask, num_truncated = encode_prompts(actors.tokenizer, prompts, config.data.max_prompt_tokens,
                                                             actors.device)
-    with autocast_context(actors.device, actors.autocast):
-        rollout = sample_completions(actors.policy, prompt_ids, prompt_mask, G, config.sampling,
-                                     actors.tokenizer.eos_token_id, actors.tokenizer.pad_token_id, generator)
+    rollout = sample_completions(actors.policy, prompt_ids, prompt_mask, G, config.sampling,
+                                 actors.tokenizer.eos_token_id, actors.tokenizer.pad_token_id, generator,
+                                 autocast=actors.autocast)
     completions = decode_completions(actors.tokenizer, rollout.completion_ids, rollout.completion_mask)
     generation_seconds = time.perf_counter() - started
     columns = {k: [r.get(k) for r in rows for _ in range(G)] for k in rows[0] if k != "prompt"}

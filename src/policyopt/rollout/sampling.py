@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from ..models.loading import cache_keyword
+from ..models.loading import autocast_context, cache_keyword
 
 
 @dataclass
@@ -99,14 +99,21 @@ def sample_completions(
     eos_token_id: int,
     pad_token_id: int,
     generator: torch.Generator | None = None,
+    autocast: torch.dtype | None = None,
 ) -> Rollout:
-    """Sample ``group_size`` completions for each prompt.
+    """Sample ``group_size`` completions for each prompt, forward passes under ``autocast`` (None: off).
 
     Work saved without changing the samples' distribution:
     - each prompt is prefilled once and its KV cache repeated G times;
     - rows that have emitted EOS are dropped from the batch (cache included) once a quarter of the
       active rows have finished, so finished answers stop costing compute.
     """
+    with autocast_context(prompt_ids.device, autocast):  # one context: weight casts are cached across steps
+        return _decode(model, prompt_ids, prompt_mask, group_size, sampling, eos_token_id, pad_token_id, generator)
+
+
+def _decode(model, prompt_ids, prompt_mask, group_size: int, sampling: SamplingConfig, eos_token_id: int,
+            pad_token_id: int, generator: torch.Generator | None) -> Rollout:
     was_training = model.training
     model.eval()
     device = prompt_ids.device
