@@ -34,7 +34,6 @@ from ..algorithms import (
 )
 from ..models.forward import FORWARD_LAYOUTS, forward_in_chunks, forward_rows, split_rows
 from ..models.setup import describe
-from ..runtime.optim import apply_update
 from ..runtime.run import Run
 from .rl import Actors, RLConfig, ScoredRollout, evaluator, load_actors, rollout_and_score, rollout_metrics
 
@@ -138,15 +137,7 @@ def update_policy(run: Run, step: int, actors: Actors, optimization, scored: Sco
                                         config, sums)
                 loss.backward()
                 loss_value += float(loss.detach())
-            grad_norm, applied = apply_update(actors.policy, optimizer, scheduler, loss_value,
-                                              config.optim.max_grad_norm)
-            run.update_guard(applied, step)  # a skipped update keeps the last good weights
-            sums["updates"] += 1
-            if applied:
-                sums["loss"] += loss_value
-                sums["grad_norm"] += grad_norm
-            else:
-                sums["skipped"] += 1
+            run.optimizer_step(actors.policy, optimizer, scheduler, loss_value, step, sums)
     return sums
 
 

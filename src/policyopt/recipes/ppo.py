@@ -51,7 +51,6 @@ from ..models.loading import ModelLoadError, resolve_dtype
 from ..models.reward_model import load_scalar_model, scalar_model_from_causal_lm
 from ..models.setup import describe
 from ..models.value_head import PolicyAndValue
-from ..runtime.optim import apply_update
 from ..runtime.run import Run
 from .rl import Actors, LossAggregation, RLConfig, ScoredRollout, evaluator, load_actors, rollout_and_score, rollout_metrics
 
@@ -212,15 +211,7 @@ def update_actor_critic(run: Run, step: int, actor_critic, optimization, scored:
                 loss = micro_batch_loss(actor_critic, tokens, rows, adv, minibatch_tokens, config, sums, autocast)
                 loss.backward()
                 loss_value += float(loss.detach())
-            grad_norm, applied = apply_update(actor_critic, optimizer, scheduler, loss_value,
-                                              config.optim.max_grad_norm)
-            run.update_guard(applied, step)
-            sums["updates"] += 1
-            if applied:
-                sums["loss"] += loss_value
-                sums["grad_norm"] += grad_norm
-            else:
-                sums["skipped"] += 1
+            run.optimizer_step(actor_critic, optimizer, scheduler, loss_value, step, sums)
     return sums
 
 

@@ -50,7 +50,7 @@ from ..models.reward_model import (
 )
 from ..models.setup import ModelConfig, describe, load_or_build
 from ..rollout.preferences import builtin_preferences
-from ..runtime.optim import OptimConfig, apply_update
+from ..runtime.optim import OptimConfig
 from ..runtime.run import Run, RunSettings
 
 log = logging.getLogger(__name__)
@@ -209,9 +209,7 @@ def run_reward_model(config: RewardModelConfig) -> dict:
         chosen, rejected, group_id, margin = _pair_tensors(batch, scores)
         loss = grouped_pairwise_loss(chosen, rejected, group_id, margin, config.center_rewards_coefficient)
         loss.backward()
-        grad_norm, applied = apply_update(model, optimizer, scheduler, float(loss.detach()),
-                                          config.optim.max_grad_norm)
-        run.update_guard(applied, step)
+        grad_norm, applied = run.optimizer_step(model, optimizer, scheduler, float(loss.detach()), step)
         seconds = time.perf_counter() - started
         all_scores = torch.cat(scores).detach()
         metrics = {"loss": float(loss.detach()), "accuracy": float((chosen > rejected).float().mean()),

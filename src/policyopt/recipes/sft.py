@@ -22,7 +22,7 @@ from ..evaluation import evaluate
 from ..models.forward import TokenBatch, forward_rows
 from ..models.setup import ModelConfig, describe, forward_autocast, load_or_build
 from ..rewards.combine import RewardSpec
-from ..runtime.optim import OptimConfig, apply_update
+from ..runtime.optim import OptimConfig
 from ..runtime.run import Run, RunSettings
 
 log = logging.getLogger(__name__)
@@ -125,9 +125,7 @@ def run_sft(config: SFTConfig) -> dict:
         loss, num_tokens = nll(model, tokenizer, [train_rows[i] for i in order.take(config.batch_size)], config,
                                device, autocast)
         loss.backward()
-        grad_norm, applied = apply_update(model, optimizer, scheduler, float(loss.detach()),
-                                          config.optim.max_grad_norm)
-        run.update_guard(applied, step)
+        grad_norm, applied = run.optimizer_step(model, optimizer, scheduler, float(loss.detach()), step)
         seconds = time.perf_counter() - started
         run.values["train_seconds"] = train_seconds + seconds
         resumed_at, last_step = time.perf_counter(), step

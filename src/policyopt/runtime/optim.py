@@ -74,14 +74,14 @@ class UpdateGuard:
     Its count is part of a checkpoint, so a resumed run stops exactly where the uninterrupted one would.
     """
 
-    def __init__(self, limit: int):
-        self.limit, self.bad_in_a_row = limit, 0
+    def __init__(self, limit: int, checkpoints: str = "the checkpoints directory"):
+        self.limit, self.checkpoints, self.bad_in_a_row = limit, checkpoints, 0
 
     def record(self, applied: bool, where: str) -> None:
         self.bad_in_a_row = 0 if applied else self.bad_in_a_row + 1
         if self.bad_in_a_row >= self.limit:
             raise NonFiniteUpdates(f"{where}: {self.bad_in_a_row} optimizer updates in a row had a non-finite "
-                                   "loss or gradient; stopping. The last good checkpoint is intact")
+                                   f"loss or gradient; stopping. The last good checkpoint is intact in {self.checkpoints}")
 
     def state_dict(self) -> dict:
         return {"bad_in_a_row": self.bad_in_a_row}

@@ -41,7 +41,7 @@ from .checkpoint import (
 )
 from .config import ConfigError, save_config
 from .metrics import MetricsLogger
-from .optim import OptimConfig, UpdateGuard
+from .optim import OptimConfig, UpdateGuard, apply_update
 from .plots import plot_run
 from .seeding import set_seed
 from .signals import StopRequests, TrainingInterrupted
@@ -93,7 +93,7 @@ class Run:
         set_seed(config.seed)
         self.started = time.perf_counter()
         self.elapsed_earlier = 0.0
-        self.guard = UpdateGuard(config.max_bad_updates_in_a_row)
+        self.guard = UpdateGuard(config.max_bad_updates_in_a_row, str(self.checkpoint_root))
         self.values: dict[str, Any] = {}  # plain recipe state saved with each checkpoint (e.g. PPO's beta)
         self.history: list[tuple[int, float]] = []  # (step, headline number) of each evaluation
         self.before: dict = {}
@@ -195,9 +195,22 @@ class Run:
             self._progress.set_postfix(shown)
         return metrics
 
-    def update_guard(self, applied: bool, step: int) -> None:
-        """Count a skipped (non-finite) update; too many in a row stop the run with its checkpoints intact."""
+    def optimizer_step(self, model, optimizer, scheduler, loss_value: float, step: int,
+                       sums: dict | None = None) -> tuple[float, bool]:
+        """Clip the gradients and step, or skip an update whose loss or gradient is not finite (the weights
+        keep their last good values; too many in a row stop the run with its checkpoints intact).
+        Adds to ``sums``: updates, skipped, and loss and grad_norm of the applied ones. Returns
+        (grad_norm, applied)."""
+        grad_norm, applied = apply_update(model, optimizer, scheduler, loss_value, self.config.optim.max_grad_norm)
         self.guard.record(applied, f"{self.name} step {step}")
+        if sums is not None:
+            sums["updates"] += 1
+            if applied:
+                sums["loss"] += loss_value
+                sums["grad_norm"] += grad_norm
+            else:
+                sums["skipped"] += 1
+        return grad_norm, applied
 
     def save_checkpoint(self, step: int) -> Path:
         generators = {k: v for k, v in self._stateful.items() if isinstance(v, torch.Generator)}
