@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from typing import Literal
 
 from .arithmetic import ArithmeticTask, make_demonstrations, make_rows
 from .loading import DataError, load_rows
@@ -25,7 +26,8 @@ class DataConfig:
     task: ArithmeticTask = field(default_factory=ArithmeticTask)
     eval_size: int = 200  # held-out rows (of `path`, at most a fifth of it, or of the built-in task)
     max_prompt_tokens: int = 256  # longest prompt in tokens; see long_prompts for longer ones
-    long_prompts: str = "truncate"  # prompts over max_prompt_tokens: truncate (keep the end), skip, or error
+    # prompts over max_prompt_tokens: truncate (keep the end), skip, or error
+    long_prompts: Literal["truncate", "skip", "error"] = "truncate"
     num_demonstrations: int = 300  # SFT on the built-in task: how many worked examples
 
     def validate(self) -> None:
@@ -34,8 +36,6 @@ class DataConfig:
             raise ValueError(f"data.eval_size must be >= 0, got {self.eval_size}")
         if self.max_prompt_tokens < 1:
             raise ValueError(f"data.max_prompt_tokens must be >= 1, got {self.max_prompt_tokens}")
-        if self.long_prompts not in ("truncate", "skip", "error"):
-            raise ValueError(f"data.long_prompts must be truncate, skip or error; got {self.long_prompts!r}")
         if self.num_demonstrations < 1:
             raise ValueError(f"data.num_demonstrations must be >= 1, got {self.num_demonstrations}")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Literal
 from pathlib import Path
 
 import torch
@@ -20,18 +21,15 @@ class ModelConfig:
     # tokenizer trained on the dataset's own text
     name_or_path: str | None = None
     tokenizer: str | None = None  # defaults to name_or_path
-    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on GPUs that support it
+    # the weights' dtype; auto: float32 on CPU, bfloat16 on GPUs that support it
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # forward passes under autocast: auto = bf16 on CPUs with fast bf16 units (AMX) for models with hidden
     # size >= 256 when dtype is auto (weights and optimizer stay fp32); off; bfloat16; float16
-    autocast: str = "auto"
+    autocast: Literal["auto", "off", "bfloat16", "float16"] = "auto"
     device: str = "auto"  # auto: cuda when available, else cpu; or any torch device name
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
 
     def validate(self) -> None:
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError(f"model.dtype must be auto, float32, bfloat16 or float16; got {self.dtype!r}")
-        if self.autocast not in ("auto", "off", "bfloat16", "float16"):
-            raise ValueError(f"model.autocast must be auto, off, bfloat16 or float16; got {self.autocast!r}")
         self.tiny.validate()
 
 
