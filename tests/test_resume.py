@@ -172,6 +172,9 @@ def run_cli(hooks: Path, command: str, out: Path, args: list[str], kill: str | N
         cmd.append("resume=auto")
     env = {k: v for k, v in os.environ.items() if k != KILL_ENV}
     env["PYTHONPATH"] = os.pathsep.join([str(hooks), *filter(None, [os.environ.get("PYTHONPATH")])])
+    # one intra-op thread, as the pipeline's stages use: runs this small are many times faster with one
+    # than with two threads on a busy machine, and every run of a comparison uses the same number
+    env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = "1"
     if kill:
         env[KILL_ENV] = kill
     return subprocess.run(cmd, env=env, capture_output=True, text=True, start_new_session=True, timeout=900)
@@ -260,15 +263,17 @@ def test_sigkill_then_resume_matches_uninterrupted_run(hooks, references, comman
     assert_same_weights(out, reference, WEIGHTS[command])
 
 
-@pytest.mark.parametrize("command", list(COMMANDS))
+@pytest.mark.parametrize("command", [*COMMANDS, "pipeline"])
 def test_fresh_run_refuses_to_mix_with_old_checkpoints(command, tmp_path, capsys):
-    """In this process (the check comes before any model loads): saves four interpreter starts."""
+    """In this process (the check comes before any model loads): saves five interpreter starts."""
     from policyopt.cli import main
 
     out = tmp_path / "run"
-    (out / "checkpoints" / "step-000001").mkdir(parents=True)
-    (out / "checkpoints" / "step-000001" / "trainer_state.pt").write_bytes(b"")
-    code = main([command, "--output-dir", str(out), *TINY, *RUN, *COMMANDS[command]])
+    checkpoint = out / ("sft" if command == "pipeline" else "") / "checkpoints" / "step-000001"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.pt").write_bytes(b"")
+    args = PIPELINE if command == "pipeline" else [*TINY, *RUN, *COMMANDS[command]]
+    code = main([command, "--output-dir", str(out), *args])
     stderr = capsys.readouterr().err
     assert code == 2 and "resume=auto" in stderr, stderr[-3000:]
 
@@ -307,8 +312,8 @@ def test_pipeline_killed_in_two_stages_resumes_in_the_stage_it_stopped_in(hooks,
         killed = run_cli(hooks, "pipeline", out, PIPELINE, kill=spec, resume=i > 0)
         assert_killed_where_asked(killed, out / stage, spec)
         assert not (out / "summary.json").exists()
-        if i > 0:
-            assert f"resumed from {out / PIPELINE_KILLS[i - 1].split(':')[2]}" in killed.stderr
+        if i > 0:  # the stage the previous run was killed in continued from its checkpoint
+            assert f"resumed from {out / parse_kill(PIPELINE_KILLS[i - 1])[3]}" in killed.stderr
         for name, mtime in finished.items():  # complete stages are read back, not run again
             assert (out / name / "final" / "model.safetensors").stat().st_mtime_ns == mtime, f"{name} ran again"
     finished = {name: (out / name / "final" / "model.safetensors").stat().st_mtime_ns
