@@ -147,3 +147,20 @@ def test_pipeline_cli_with_isolated_stages(tmp_path):
     assert saved["ppo"]["process_peak_rss_mb"] > 0 and saved["grpo"]["process_peak_rss_mb"] > 0
     assert saved["ppo_vs_grpo"]["process_peak_rss_mb_ratio"] > 0
     assert not list(tmp_path.glob("cli/*.result.json"))
+
+
+def test_memory_probe_skips_what_a_resumed_recipe_keeps_of_its_metrics(tmp_path):
+    # a resumed stage copies its checkpoint's metrics back (a prefix of the killed run's file): those
+    # records were measured before; only the steps logged after the resume are new windows
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"step": s, "seconds_per_step": 1.0}) + "\n" for s in range(4)]
+    path.write_text("".join(lines))  # the killed run's records, steps 0-3
+    probe = StepMemoryProbe(path, interval=0.002, cuda=False)
+    probe.start()
+    time.sleep(0.02)
+    path.write_text("".join(lines[:2]))  # cut back to the checkpoint at step 1, in place
+    time.sleep(0.05)
+    with path.open("a") as f:
+        f.write(json.dumps({"step": 2, "seconds_per_step": 0.5}) + "\n")
+    time.sleep(0.05)
+    assert [w["step"] for w in probe.stop()] == [2]

@@ -198,32 +198,39 @@ class StepMemoryProbe(threading.Thread):
     def _rss_mb(self) -> float:
         return self._process.memory_info().rss / 2**20
 
-    def _file(self) -> tuple[int | None, int]:
+    def _read(self) -> bytes:
+        try:
+            return self.metrics_path.read_bytes()
+        except FileNotFoundError:
+            return b""
+
+    def _file(self) -> tuple[int | None, int, int]:
         try:
             stat = self.metrics_path.stat()
         except FileNotFoundError:
-            return None, 0
-        return stat.st_ino, stat.st_size
+            return None, 0, 0
+        return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
     def run(self) -> None:
-        inode, offset = self._file()  # lines already there belong to an earlier run
+        last = self._file()
+        seen = self._read()  # lines already there belong to an earlier run
         partial = ""
         start_rss = peak_rss = self._rss_mb()
         window_start = time.perf_counter()
         while True:
             stopping = self._done.wait(self.interval)
             peak_rss = max(peak_rss, self._rss_mb())
-            current, size = self._file()
-            if current != inode:  # the recipe started a fresh metrics file
-                inode, offset, partial = current, 0, ""
-            elif size < offset:  # a resumed recipe cut the file back to its checkpoint: not new steps
-                offset, partial = size, ""
-            if size > offset:
-                with self.metrics_path.open() as f:
-                    f.seek(offset)
-                    chunk = f.read(size - offset)
-                offset = size
-                partial += chunk
+            current = self._file()
+            if current != last:
+                last, data = current, self._read()
+                if data.startswith(seen):  # appended to
+                    new = data[len(seen):]
+                else:
+                    # cut back to a checkpoint by a resumed recipe (what is left was seen: no new steps),
+                    # or a fresh file (whose inode may be the old one's, reused): all of it is new
+                    new, partial = (b"" if seen.startswith(data) else data), ""
+                seen = data
+                partial += new.decode(errors="replace")
                 *lines, partial = partial.split("\n")
                 for line in lines:
                     if not line.strip():

@@ -71,10 +71,19 @@ def format_reward(prompts, completions, **kwargs) -> list[float]:
 
 
 def _code_reward(prompts, completions, tests, **kwargs):
-    """Built-in ``code``: run the completion's Python against the row's ``tests`` column in the sandbox."""
+    """Built-in ``code``: the fraction of the row's ``tests`` that the completion's Python passes, run in
+    the sandbox (``policyopt.rewards.sandbox``; see ``parse_tests`` for the format)."""
     from .sandbox import code_reward  # imported on use: most runs never execute code
 
     return code_reward(prompts, completions, tests, **kwargs)
 
 
-BUILTIN_REWARDS = {"accuracy": accuracy_reward, "format": format_reward, "code": _code_reward}
+def _code_all_reward(prompts, completions, tests, **kwargs):
+    """Built-in ``code_all``: 1.0 when the completion passes every one of the row's tests, else 0.0."""
+    from .sandbox import code_reward
+
+    return code_reward(prompts, completions, tests, all_pass=True, **kwargs)
+
+
+BUILTIN_REWARDS = {"accuracy": accuracy_reward, "format": format_reward, "code": _code_reward,
+                   "code_all": _code_all_reward}
