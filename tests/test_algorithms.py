@@ -13,15 +13,22 @@ from policyopt.algorithms import (
     Registry,
     aggregate_loss,
     bradley_terry_loss,
+    cispo_loss,
     clipped_surrogate,
     clipped_value_loss,
     gae_advantages,
     group_advantages,
+    gspo_loss,
+    gspo_token_loss,
     kl_k1,
     kl_k2,
     kl_k3,
     masked_mean,
     gather_logprobs,
+    overlong_penalty,
+    reinforce_pp_advantages,
+    reinforce_pp_baseline_advantages,
+    rloo_advantages,
     token_entropy,
     whiten,
     zero_std_group_fraction,
@@ -111,6 +118,113 @@ def test_zero_std_group_fraction():
     assert zero_std_group_fraction(t([0.0, 1.0, 2.0, 3.0]), 2) == 0.0
     with pytest.raises(ValueError):
         zero_std_group_fraction(t([0.0, 1.0, 2.0]), 2)
+
+
+# ----------------------------------------------------------------------------- RLOO / REINFORCE++
+
+
+def test_rloo_leave_one_out_by_hand():
+    # group [1, 2, 6]: 1 - (2+6)/2 = -3;  2 - (1+6)/2 = -1.5;  6 - (1+2)/2 = 4.5
+    # group [0, 1]-like pair inside a group of 3 is below; here group 2 = [3, 3, 3] -> exactly 0
+    r = t([1.0, 2.0, 6.0, 0.1, 0.1, 0.1])
+    adv = rloo_advantages(r, 3)
+    close(adv, [-3.0, -1.5, 4.5, 0.0, 0.0, 0.0])
+    assert torch.equal(adv[3:], torch.zeros(3, dtype=D))
+    # G = 2: each answer against the other one
+    close(rloo_advantages(t([0.0, 1.0, 5.0, 2.0]), 2), [-1.0, 1.0, 3.0, -3.0])
+
+
+def test_rloo_ignores_scale_and_eps():
+    r = t([1.0, 2.0, 6.0, 0.0, 4.0, 8.0])
+    base = rloo_advantages(r, 3)
+    for scale, eps in ((True, 1e-4), (False, 1e-4), (True, 0.5), (False, 0.0)):
+        assert torch.equal(rloo_advantages(r, 3, scale=scale, eps=eps), base)
+
+
+def test_rloo_nan_rewards_are_left_out_of_the_baseline():
+    nan = float("nan")
+    # group 0: valid [4, 0, 2] (n=3): 4 - (0+2)/2 = 3; 0 - (4+2)/2 = -3; 2 - (4+0)/2 = 0; NaN -> 0
+    # group 1: one valid reward -> no other answer -> 0; group 2: all NaN -> 0
+    r = t([4.0, nan, 0.0, 2.0, nan, 5.0, nan, nan, nan, nan, nan, nan])
+    adv = rloo_advantages(r, 4)
+    assert not torch.isnan(adv).any()
+    close(adv, [3.0, 0.0, -3.0, 0.0] + [0.0] * 8)
+
+
+def test_rloo_is_dr_grpo_times_g_over_g_minus_one():
+    g = torch.Generator().manual_seed(3)
+    r = torch.randn(24, generator=g, dtype=D)
+    for G in (2, 3, 4, 8):
+        close(rloo_advantages(r, G), group_advantages(r, G, scale=False) * G / (G - 1), atol=1e-12, rtol=1e-12)
+
+
+def test_rloo_errors():
+    with pytest.raises(ValueError, match=r"RLOO needs at least 2 answers per prompt.*group_size=1"):
+        rloo_advantages(t([1.0, 2.0]), 1)
+    with pytest.raises(ValueError, match="group_size=2"):
+        rloo_advantages(t([1.0, 2.0, 3.0]), 2)
+
+
+def test_reinforce_pp_normalises_over_the_whole_batch():
+    # [0, 1, 2, 5]: mean 2, deviations [-2, -1, 0, 3], unbiased var (4+1+0+9)/3 = 14/3
+    r = t([0.0, 1.0, 2.0, 5.0])
+    s = math.sqrt(14.0 / 3.0)
+    close(reinforce_pp_advantages(r, 2, eps=0.0), [-2 / s, -1 / s, 0.0, 3 / s])
+    close(reinforce_pp_advantages(r, 2), [-2 / (s + 1e-4), -1 / (s + 1e-4), 0.0, 3 / (s + 1e-4)])
+    # no group baseline: the grouping does not matter (group_size 1 is fine)
+    close(reinforce_pp_advantages(r, 1, eps=0.0), reinforce_pp_advantages(r, 4, eps=0.0))
+    # scale=False: only the batch mean is subtracted
+    close(reinforce_pp_advantages(r, 2, scale=False), [-2.0, -1.0, 0.0, 3.0])
+
+
+def test_reinforce_pp_nan_and_equal_rewards():
+    nan = float("nan")
+    # valid [1, 3]: mean 2, unbiased std sqrt(2)
+    s2 = math.sqrt(2.0)
+    close(reinforce_pp_advantages(t([1.0, nan, 3.0, nan]), 2, eps=0.0), [-1 / s2, 0.0, 1 / s2, 0.0])
+    assert torch.equal(reinforce_pp_advantages(t([0.1, 0.1, nan, 0.1]), 2), torch.zeros(4, dtype=D))
+    assert torch.equal(reinforce_pp_advantages(t([nan, 7.0]), 1), torch.zeros(2, dtype=D))
+    # integer rewards become float32
+    out = reinforce_pp_advantages(torch.tensor([0, 1, 1, 0]), 2)
+    assert out.dtype == torch.float32
+
+
+def test_reinforce_pp_baseline_group_mean_then_batch_std():
+    # groups [0,1], [2,6], [3,3]: group means .5, 4, 3 -> x = [-.5, .5, -2, 2, 0, 0]
+    # batch: mean 0, unbiased var (.25+.25+4+4+0+0)/5 = 1.7 (the all-equal group's zeros count)
+    r = t([0.0, 1.0, 2.0, 6.0, 3.0, 3.0])
+    s = math.sqrt(1.7)
+    adv = reinforce_pp_baseline_advantages(r, 2, eps=0.0)
+    close(adv, [-0.5 / s, 0.5 / s, -2 / s, 2 / s, 0.0, 0.0])
+    assert torch.equal(adv[4:], torch.zeros(2, dtype=D))
+    close(reinforce_pp_baseline_advantages(r, 2), [x / (s + 1e-4) for x in (-0.5, 0.5, -2.0, 2.0, 0.0, 0.0)])
+    # GRPO scales each group by its own std instead: both groups give +-1/sqrt(2)
+    close(group_advantages(r, 2, eps=0.0)[:4], [-(0.5 ** 0.5), 0.5 ** 0.5, -(0.5 ** 0.5), 0.5 ** 0.5])
+    # scale=False: the group-centred rewards, i.e. Dr. GRPO's advantage
+    close(reinforce_pp_baseline_advantages(r, 2, scale=False), group_advantages(r, 2, scale=False))
+
+
+def test_reinforce_pp_baseline_nan_rewards():
+    nan = float("nan")
+    # group 0: one valid reward (0) -> x = 0, still a valid sample of the batch; group 1: x = [-1, 1]
+    # batch over [0, -1, 1]: mean 0, unbiased var (0+1+1)/2 = 1 -> [0, 0, -1, 1]
+    adv = reinforce_pp_baseline_advantages(t([0.0, nan, 2.0, 4.0]), 2, eps=0.0)
+    close(adv, [0.0, 0.0, -1.0, 1.0])
+    # every group without spread: all exactly 0
+    assert torch.equal(reinforce_pp_baseline_advantages(t([1.0, 1.0, nan, 2.0]), 2), torch.zeros(4, dtype=D))
+    with pytest.raises(ValueError, match="REINFORCE\\+\\+-baseline needs at least 2 answers per prompt"):
+        reinforce_pp_baseline_advantages(t([1.0, 2.0]), 1)
+
+
+@pytest.mark.parametrize("key", ["grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"])
+def test_every_advantage_estimator_takes_the_common_signature(key):
+    nan = float("nan")
+    r = t([1.0, nan, 3.0, 0.0, 4.0, 8.0])
+    adv = ADVANTAGE_ESTIMATORS.get_fn(key)(r, 3, scale=True, eps=1e-4)
+    assert adv.shape == (6,) and adv.dtype == D
+    assert adv[1] == 0 and not torch.isnan(adv).any()
+    assert torch.equal(ADVANTAGE_ESTIMATORS.get_fn(key)(t([2.0] * 6), 3, scale=False, eps=0.0),
+                       torch.zeros(6, dtype=D))
 
 
 # ----------------------------------------------------------------------------- whiten
@@ -207,7 +321,8 @@ def test_clipped_surrogate_four_regimes_and_grads():
     logp = ratios.log().requires_grad_()
     old = torch.zeros(2, 3, dtype=D)
     adv = t([2.0, -1.0])  # [B], broadcast over tokens
-    loss, clipped = clipped_surrogate(logp, old, adv, 0.2, 0.2)
+    ones = torch.ones(2, 3, dtype=torch.long)
+    loss, clipped = clipped_surrogate(logp, old, adv, ones, 0.2, 0.2)
     # A=+2: inside: -min(2.2, 2.2); above: -min(3.0, 1.2*2=2.4); below: -min(1.0, 0.8*2=1.6)
     # A=-1: inside: -min(-1.1,-1.1); above: -min(-1.5, -1.2);   below: -min(-0.5, -0.8)
     close(loss, [[-2.2, -2.4, -1.0], [1.1, 1.5, 0.8]])
@@ -216,16 +331,21 @@ def test_clipped_surrogate_four_regimes_and_grads():
     # d(-ratio*A)/dlogp = -A*ratio where unclipped; 0 where clipped
     close(logp.grad, [[-2.2, 0.0, -1.0], [1.1, 1.5, 0.0]])
     # per-token advantages [B,T] give the same result
-    loss2, clipped2 = clipped_surrogate(logp.detach(), old, adv[:, None].expand(2, 3))
+    loss2, clipped2 = clipped_surrogate(logp.detach(), old, adv[:, None].expand(2, 3), ones)
     close(loss2, loss.detach())
     assert torch.equal(clipped2, clipped)
+    # the mask is accepted for the common signature and ignored: every token is its own ratio
+    loss3, clipped3 = clipped_surrogate(logp.detach(), old, adv, torch.tensor([[1, 0, 0], [0, 0, 0]]), 0.2, 0.2)
+    close(loss3, loss.detach())
+    assert torch.equal(clipped3, clipped)
 
 
 def test_clipped_surrogate_asymmetric_clip_higher():
     ratios = t([[1.25, 1.3], [0.75, 0.85]])
     logp = ratios.log().requires_grad_()
     adv = t([2.0, -1.0])
-    loss, clipped = clipped_surrogate(logp, torch.zeros(2, 2, dtype=D), adv, eps_low=0.2, eps_high=0.28)
+    loss, clipped = clipped_surrogate(logp, torch.zeros(2, 2, dtype=D), adv, torch.ones(2, 2), eps_low=0.2,
+                                      eps_high=0.28)
     # A=2: 1.25 < 1.28 unclipped -> -2.5; 1.3 > 1.28 -> -1.28*2 = -2.56
     # A=-1: 0.75 < 0.8 clipped -> -(0.8*-1) = 0.8; 0.85 inside -> 0.85
     close(loss, [[-2.5, -2.56], [0.8, 0.85]])
@@ -247,6 +367,190 @@ def test_clipped_value_loss():
     assert clipped.tolist() == [False, False, True, True]
     loss.sum().backward()
     close(values.grad, [-1.0, 0.5, 0.0, 0.0])
+
+
+# ----------------------------------------------------------------------------- GSPO / GSPO-token / CISPO
+
+# three answers: log-ratios logp - old_logp of their valid tokens, with padding after them
+#   row 0: [0.1, 0.3 | pad]       log s = 0.2   -> s = e^0.2  = 1.2214 (above 1.2)
+#   row 1: [-0.3, 0.0, 0.0]       log s = -0.1  -> s = e^-0.1 = 0.9048 (inside [0.8, 1.2])
+#   row 2: [0.05 | pad, pad]      log s = 0.05  -> s = e^0.05 = 1.0513 (inside)
+GS_MASK = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0]])
+GS_LOG_RATIO = t([[0.1, 0.3, 0.0], [-0.3, 0.0, 0.0], [0.05, 0.0, 0.0]])
+GS_ADV = t([1.0, -1.0, 2.0])
+
+
+def gspo_inputs(pad_logp=float("nan"), pad_old=123.0):
+    """(logp leaf, old_logp): old_logp arbitrary on valid tokens, garbage at padding."""
+    old = t([[-1.0, -2.0, pad_old], [-0.5, -1.5, -2.5], [-3.0, pad_old, pad_old]])
+    logp = torch.where(GS_MASK.bool(), old + GS_LOG_RATIO, t(pad_logp)).requires_grad_()
+    return logp, old
+
+
+def test_gspo_sequence_ratio_values_clip_and_gradient():
+    logp, old = gspo_inputs()
+    loss, clipped = gspo_loss(logp, old, GS_ADV, GS_MASK, 0.2, 0.2)
+    s0, s1, s2 = math.exp(0.2), math.exp(-0.1), math.exp(0.05)
+    # row 0 (A=1):  -min(1.2214, 1.2)         = -1.2     clipped (s > 1.2, A > 0)
+    # row 1 (A=-1): -min(-0.9048, -0.9048)    = 0.9048
+    # row 2 (A=2):  -min(2 s2, 2 s2)          = -2.1025
+    close(loss, [[-1.2, -1.2, 0.0], [s1, s1, s1], [-2 * s2, 0.0, 0.0]])
+    assert clipped.tolist() == [[True, True, False], [False, False, False], [False, False, False]]
+    assert s0 > 1.2
+    # after seq_mean_token_mean it is the paper's (1/G) sum_i -min(s_i A_i, clip(s_i) A_i)
+    close(aggregate_loss(loss, GS_MASK, "seq_mean_token_mean"), t((-1.2 + s1 - 2 * s2) / 3))
+    loss.sum().backward()
+    # d(-s_i A_i)/d logp_it = -A_i s_i / |y_i| per valid token, summed over the |y_i| copies of the loss:
+    # row 0 clipped -> 0; row 1: 3 copies * (s1 / 3) = s1 each; row 2: -2 s2; padding 0, not NaN
+    close(logp.grad, [[0.0, 0.0, 0.0], [s1, s1, s1], [-2 * s2, 0.0, 0.0]])
+
+
+def test_gspo_ratio_ignores_padding():
+    a, old_a = gspo_inputs(pad_logp=0.0, pad_old=0.0)
+    b, old_b = gspo_inputs(pad_logp=float("nan"), pad_old=-1e9)
+    for fn in (gspo_loss, gspo_token_loss):
+        la, ca = fn(a, old_a, GS_ADV, GS_MASK, 0.2, 0.2)
+        lb, cb = fn(b, old_b, GS_ADV, GS_MASK, 0.2, 0.2)
+        close(la, lb)
+        assert torch.equal(ca, cb)
+        assert torch.isfinite(lb).all()
+    # the ratio is the mean over the answer's own tokens: row 0 has 2 of them, not 3
+    # (averaging over T = 3 would give log s = 0.4 / 3 = 0.133 -> s = 1.143, inside the clip range)
+    loss, _ = gspo_loss(a.detach(), old_a, t([1.0, 1.0, 1.0]), GS_MASK, 10.0, 10.0)
+    close(loss[:, 0], [-math.exp(0.2), -math.exp(-0.1), -math.exp(0.05)])
+
+
+def test_gspo_paper_epsilons_are_the_defaults_and_clip_tiny_ratios():
+    logp, old = gspo_inputs()
+    loss, clipped = gspo_loss(logp.detach(), old, GS_ADV, GS_MASK)
+    # eps 3e-4 / 4e-4: row 0: -(1 + 4e-4); row 1 (A<0, s<1-3e-4): -(-1 * (1 - 3e-4)); row 2: -2 (1 + 4e-4)
+    close(loss, [[-1.0004, -1.0004, 0.0], [0.9997, 0.9997, 0.9997], [-2.0008, 0.0, 0.0]])
+    assert clipped.tolist() == [[True, True, False], [True, True, True], [True, False, False]]
+
+
+def test_gspo_token_same_value_per_token_gradient():
+    logp, old = gspo_inputs()
+    logp_t = logp.detach().clone().requires_grad_()
+    loss, clipped = gspo_loss(logp, old, GS_ADV, GS_MASK, 0.2, 0.2)
+    loss_t, clipped_t = gspo_token_loss(logp_t, old, GS_ADV, GS_MASK, 0.2, 0.2)
+    close(loss_t, loss.detach())
+    assert torch.equal(clipped_t, clipped)
+    s1 = math.exp(-0.1)
+    # one token's loss: GSPO spreads its gradient over the answer's valid tokens (s1 / 3 each, since A = -1),
+    # GSPO-token puts it on that token alone (A * -s1 -> s1)
+    (g,) = torch.autograd.grad(loss[1, 0], logp, retain_graph=True)
+    close(g, [[0.0] * 3, [s1 / 3] * 3, [0.0] * 3])
+    (g_t,) = torch.autograd.grad(loss_t[1, 0], logp_t, retain_graph=True)
+    close(g_t, [[0.0] * 3, [s1, 0.0, 0.0], [0.0] * 3])
+    # with one advantage per answer, the two agree after the recipe's seq_mean_token_mean aggregation
+    (g_seq,) = torch.autograd.grad(aggregate_loss(loss, GS_MASK, "seq_mean_token_mean"), logp)
+    (g_tok,) = torch.autograd.grad(aggregate_loss(loss_t, GS_MASK, "seq_mean_token_mean"), logp_t)
+    close(g_tok, g_seq)
+    close(g_seq, [[0.0] * 3, [s1 / 9] * 3, [-2 * math.exp(0.05) / 3, 0.0, 0.0]])
+
+
+def test_gspo_token_per_token_advantages():
+    logp, old = gspo_inputs()
+    adv = t([[1.0, 1.0, 0.0], [-1.0, 2.0, 0.5], [2.0, float("nan"), 0.0]])  # NaN at padding is dropped
+    loss, clipped = gspo_token_loss(logp, old, adv, GS_MASK, 0.2, 0.2)
+    s1, s2 = math.exp(-0.1), math.exp(0.05)
+    # row 1, token 1 (A = 2): s1 = 0.9048 inside -> -2 s1; token 2 (A = .5): -.5 s1
+    close(loss, [[-1.2, -1.2, 0.0], [s1, -2 * s1, -0.5 * s1], [-2 * s2, 0.0, 0.0]])
+    loss.sum().backward()
+    close(logp.grad, [[0.0] * 3, [s1, -2 * s1, -0.5 * s1], [-2 * s2, 0.0, 0.0]])
+
+
+def test_gspo_needs_the_mask():
+    logp, old = gspo_inputs()
+    with pytest.raises(ValueError, match="mask"):
+        gspo_loss(logp, old, GS_ADV, None)
+    with pytest.raises(ValueError, match="mask"):
+        gspo_token_loss(logp, old, GS_ADV, GS_MASK[:, :2])
+
+
+def test_cispo_clipped_weight_keeps_the_gradient():
+    ratios = t([[1.1, 1.5, 0.5], [1.1, 1.5, 0.5]])
+    logp = ratios.log().requires_grad_()
+    old = torch.zeros(2, 3, dtype=D)
+    adv = t([2.0, -1.0])
+    loss, clipped = cispo_loss(logp, old, adv, torch.ones(2, 3), 0.2, 0.2)
+    # w = sg[clip(r, .8, 1.2)] = [1.1, 1.2, 0.8]; loss = -w A logp
+    w = [1.1, 1.2, 0.8]
+    lr = [math.log(1.1), math.log(1.5), math.log(0.5)]
+    close(loss, [[-wi * 2 * li for wi, li in zip(w, lr)], [wi * li for wi, li in zip(w, lr)]])
+    # clipped marks the clipped weights, whatever the sign of A
+    assert clipped.tolist() == [[False, True, True], [False, True, True]]
+    loss.sum().backward()
+    # -w A on every token; PPO-clip gives 0 on [0,1] and [1,2] (test above)
+    close(logp.grad, [[-2.2, -2.4, -1.6], [1.1, 1.2, 0.8]])
+
+
+def test_cispo_gradient_through_the_log_softmax():
+    # loss_t = -clip(r_t) A logp_t: d/dz = -clip(r_t) A d logp_t/dz, also on a clipped token
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(1, 2, 5, generator=g, dtype=D).requires_grad_()
+    tokens = torch.tensor([[1, 3]])
+    logp = torch.log_softmax(z, dim=-1).gather(-1, tokens[..., None])[..., 0]  # [1, 2]
+    old = logp.detach() - t([[0.7, -0.05]])  # r = e^0.7 = 2.01 (clipped to 1.28), e^-0.05 = 0.951
+    adv = t([1.5])
+    loss, clipped = cispo_loss(logp, old, adv, torch.ones(1, 2), 0.2, 0.28)
+    assert clipped.tolist() == [[True, False]]
+    (grad_z,) = torch.autograd.grad(loss.sum(), z, retain_graph=True)
+    (dlogp0,) = torch.autograd.grad(logp[0, 0], z, retain_graph=True)
+    (dlogp1,) = torch.autograd.grad(logp[0, 1], z)
+    expected = -1.28 * 1.5 * dlogp0 - math.exp(-0.05) * 1.5 * dlogp1
+    close(grad_z, expected, atol=1e-12, rtol=1e-12)
+    assert grad_z[0, 0].abs().sum() > 0  # the clipped token still learns
+
+
+def test_cispo_mask_eps_low_and_per_token_advantages():
+    nan = float("nan")
+    logp = t([[math.log(0.01), nan], [math.log(2.0), 0.0]]).requires_grad_()
+    old = t([[0.0, 5.0], [0.0, 0.0]])
+    mask = torch.tensor([[1, 0], [1, 1]])
+    adv = t([[1.0, nan], [1.0, -2.0]])
+    # eps_low = 1: no lower bound (r = 0.01 keeps its weight); r = 2 clipped to 1.5
+    loss, clipped = cispo_loss(logp, old, adv, mask, 1.0, 0.5)
+    close(loss, [[-0.01 * math.log(0.01), 0.0], [-1.5 * math.log(2.0), 0.0]])
+    assert clipped.tolist() == [[False, False], [True, False]]
+    loss.sum().backward()
+    close(logp.grad, [[-0.01, 0.0], [-1.5, 2.0]])  # finite and 0 at the padding
+
+
+@pytest.mark.parametrize("key", ["ppo_clip", "gspo", "gspo_token", "cispo"])
+def test_every_policy_loss_takes_the_common_signature_and_is_reinforce_on_policy(key):
+    # on-policy (old = logp): every ratio is 1, nothing clips, and after seq_mean_token_mean every loss
+    # has REINFORCE's gradient  -(1/B) A_i / |y_i|  on each valid token
+    logp, _ = gspo_inputs(pad_logp=0.0)
+    fn = POLICY_LOSSES.get_fn(key)
+    loss, clipped = fn(logp, logp.detach(), GS_ADV, GS_MASK, 0.2, 0.28)
+    assert loss.shape == clipped.shape == (3, 3) and clipped.dtype == torch.bool
+    assert not (clipped & GS_MASK.bool()).any()
+    aggregate_loss(loss, GS_MASK, "seq_mean_token_mean").backward()
+    close(logp.grad, [[-1 / 6, -1 / 6, 0.0], [1 / 9, 1 / 9, 1 / 9], [-2 / 3, 0.0, 0.0]], atol=1e-12, rtol=1e-12)
+
+
+# ----------------------------------------------------------------------------- DAPO overlong punishment
+
+
+def test_overlong_penalty_by_hand_at_the_boundaries():
+    # max_len 100, cache 20: 0 up to 80, then (80 - L) / 20 down to -1 at 100, -1 beyond
+    lengths = torch.tensor([0, 50, 80, 81, 90, 99, 100, 101, 110])
+    out = overlong_penalty(lengths, 100, 20)
+    assert out.dtype == torch.float32
+    close(out.double(), [0.0, 0.0, 0.0, -0.05, -0.5, -0.95, -1.0, -1.0, -1.0], atol=1e-7, rtol=0)
+    # float lengths keep their dtype; 85 -> -0.25
+    close(overlong_penalty(t([85.0, 80.5]), 100, 20), [-0.25, -0.025])
+    # cache 0: no linear zone; cache = max_len: linear from 0 tokens
+    close(overlong_penalty(torch.tensor([100, 101]), 100, 0).double(), [0.0, -1.0])
+    close(overlong_penalty(torch.tensor([0, 25, 100, 101]), 100, 100).double(), [0.0, -0.25, -1.0, -1.0])
+
+
+def test_overlong_penalty_errors():
+    with pytest.raises(ValueError, match="cache_len"):
+        overlong_penalty(torch.tensor([1]), 10, 11)
+    with pytest.raises(ValueError, match="cache_len"):
+        overlong_penalty(torch.tensor([1]), 10, -1)
 
 
 # ----------------------------------------------------------------------------- Bradley-Terry
@@ -387,9 +691,12 @@ def test_gather_logprobs_values_gradients_and_entropy(monkeypatch, chunk_element
 
 # every key each registry must hold, and the function it names; a new key is added here too
 REGISTERED = {
-    "advantage estimator": (ADVANTAGE_ESTIMATORS, {"grpo": group_advantages}),
+    "advantage estimator": (ADVANTAGE_ESTIMATORS, {"grpo": group_advantages, "rloo": rloo_advantages,
+                                                   "reinforce_pp": reinforce_pp_advantages,
+                                                   "reinforce_pp_baseline": reinforce_pp_baseline_advantages}),
     "KL estimator": (KL_ESTIMATORS, {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}),
-    "policy loss": (POLICY_LOSSES, {"ppo_clip": clipped_surrogate}),
+    "policy loss": (POLICY_LOSSES, {"ppo_clip": clipped_surrogate, "gspo": gspo_loss,
+                                    "gspo_token": gspo_token_loss, "cispo": cispo_loss}),
     "loss aggregation": (LOSS_AGGREGATIONS, {"seq_mean_token_mean": seq_mean_token_mean,
                                              "token_mean": token_mean, "seq_sum_constant": seq_sum_constant}),
 }

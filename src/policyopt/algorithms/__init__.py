@@ -3,13 +3,32 @@
 Nothing here imports the rest of policyopt: only torch.
 """
 
-from .advantages import ADVANTAGE_ESTIMATORS, gae_advantages, group_advantages, whiten, zero_std_group_fraction
+from .advantages import (
+    ADVANTAGE_ESTIMATORS,
+    gae_advantages,
+    group_advantages,
+    reinforce_pp_advantages,
+    reinforce_pp_baseline_advantages,
+    rloo_advantages,
+    whiten,
+    zero_std_group_fraction,
+)
 from .aggregation import LOSS_AGGREGATIONS, aggregate_loss, last_token_index, masked_mean
 from .kl import KL_ESTIMATORS, kl_k1, kl_k2, kl_k3
 from .logprobs import gather_logprobs, token_entropy
-from .losses import POLICY_LOSSES, bradley_terry_loss, clipped_surrogate, clipped_value_loss, grouped_pairwise_loss
+from .losses import (
+    POLICY_LOSSES,
+    bradley_terry_loss,
+    cispo_loss,
+    clipped_surrogate,
+    clipped_value_loss,
+    grouped_pairwise_loss,
+    gspo_loss,
+    gspo_token_loss,
+)
 from .ppo import adaptive_kl_coef, explained_variance, kl_shaped_rewards
 from .registry import Registry
+from .shaping import overlong_penalty
 
 __all__ = [
     "Registry",
@@ -18,6 +37,9 @@ __all__ = [
     "POLICY_LOSSES",
     "LOSS_AGGREGATIONS",
     "group_advantages",
+    "rloo_advantages",
+    "reinforce_pp_advantages",
+    "reinforce_pp_baseline_advantages",
     "zero_std_group_fraction",
     "whiten",
     "gae_advantages",
@@ -25,6 +47,9 @@ __all__ = [
     "kl_k2",
     "kl_k3",
     "clipped_surrogate",
+    "gspo_loss",
+    "gspo_token_loss",
+    "cispo_loss",
     "clipped_value_loss",
     "bradley_terry_loss",
     "grouped_pairwise_loss",
@@ -36,4 +61,5 @@ __all__ = [
     "kl_shaped_rewards",
     "adaptive_kl_coef",
     "explained_variance",
+    "overlong_penalty",
 ]

@@ -16,10 +16,19 @@ from .registry import Registry
 # broadcast over its tokens by the trainer
 ADVANTAGE_ESTIMATORS = Registry("advantage estimator")
 
-__all__ = ["ADVANTAGE_ESTIMATORS", "group_advantages", "zero_std_group_fraction", "whiten", "gae_advantages"]
+__all__ = [
+    "ADVANTAGE_ESTIMATORS",
+    "group_advantages",
+    "rloo_advantages",
+    "reinforce_pp_advantages",
+    "reinforce_pp_baseline_advantages",
+    "zero_std_group_fraction",
+    "whiten",
+    "gae_advantages",
+]
 
 
-def _check_groups(rewards: Tensor, group_size: int, *, min_group_size: int) -> int:
+def _check_groups(rewards: Tensor, group_size: int, *, min_group_size: int, method: str = "GRPO") -> int:
     """Validate the group layout and return the number of groups."""
     if rewards.dim() != 1:
         raise ValueError(f"rewards must be a 1-D tensor of shape [N], got shape {tuple(rewards.shape)}")
@@ -28,7 +37,7 @@ def _check_groups(rewards: Tensor, group_size: int, *, min_group_size: int) -> i
     if group_size < min_group_size:
         if min_group_size >= 2:
             raise ValueError(
-                "GRPO needs at least 2 answers per prompt (group_size=1 gives every answer zero "
+                f"{method} needs at least 2 answers per prompt (group_size=1 gives every answer zero "
                 f"advantage); set group_size >= 2 (got group_size={group_size})"
             )
         raise ValueError(f"group_size must be >= {min_group_size}, got {group_size}")
@@ -104,6 +113,129 @@ def group_advantages(rewards: Tensor, group_size: int, *, scale: bool = True, ep
         adv = adv / (std + eps)
     keep = valid & ~zero_spread
     adv = torch.where(keep, adv, torch.zeros_like(adv))
+    return adv.reshape(-1)
+
+
+@ADVANTAGE_ESTIMATORS.register("rloo")
+def rloo_advantages(rewards: Tensor, group_size: int, *, scale: bool = True, eps: float = 1e-4) -> Tensor:
+    """RLOO, REINFORCE Leave-One-Out (Ahmadian et al. 2024, arXiv:2402.14740): each answer against the
+    mean of the OTHER answers to its prompt.
+
+        A_i = r_i - (1 / (n_g - 1)) * sum_{j in g, j != i} r_j  =  (n_g / (n_g - 1)) * (r_i - mean_g)
+
+    over the n_g valid (non-NaN) rewards of group g (n_g = G when every answer was scored). This is
+    the Dr. GRPO advantage (r_i - mean_g) times n_g / (n_g - 1).
+
+    ``scale`` and ``eps`` are accepted for the registry's common signature and are UNUSED: the paper's
+    estimator has no std scaling, and honouring the config's default ``scale_rewards=true`` would turn
+    RLOO into GRPO times n_g / (n_g - 1), so the flag does not change it. RLOO's KL term belongs in
+    the sequence reward (R = r - beta * log(pi/pi_ref)), which is the trainer's business.
+
+    Special cases, as in :func:`group_advantages`: NaN rewards are excluded from the baseline and get
+    0; a group whose valid rewards are all equal, or that has fewer than 2 valid rewards (no "other"
+    answer to compare against), gives its members exactly 0.
+
+    Args:
+        rewards: float tensor [N], N = num_prompts * group_size, group-contiguous.
+        group_size: G, answers per prompt; must be >= 2.
+    Returns:
+        advantages [N] (floating dtype of ``rewards``; float32 if rewards are integer/bool).
+    """
+    num_groups = _check_groups(rewards, group_size, min_group_size=2, method="RLOO")
+    if not torch.is_floating_point(rewards):
+        rewards = rewards.to(torch.float32)
+    grouped = rewards.reshape(num_groups, group_size)
+    valid, _, _, zero_spread = _group_stats(grouped)
+    count = valid.sum(dim=1, keepdim=True)
+    total = torch.where(valid, grouped, torch.zeros_like(grouped)).sum(dim=1, keepdim=True)
+    others_mean = (total - grouped) / (count - 1).clamp(min=1)
+    adv = grouped - others_mean
+    keep = valid & ~zero_spread
+    adv = torch.where(keep, adv, torch.zeros_like(adv))
+    return adv.reshape(-1)
+
+
+def _batch_normalise(values: Tensor, valid: Tensor, scale: bool, eps: float) -> Tensor:
+    """(x - mean_batch) / (std_batch + eps) over the valid entries of a flat tensor (only the centring
+    when not ``scale``); unbiased std; 0 at invalid entries, and 0 everywhere when the valid values are
+    all equal or fewer than 2."""
+    zeros = torch.zeros_like(values)
+    kept = values[valid]
+    if kept.numel() < 2 or bool(kept.amax() == kept.amin()):
+        return zeros
+    mean = kept.mean()
+    out = values - mean
+    if scale:
+        out = out / (kept.std(unbiased=True) + eps)
+    return torch.where(valid, out, zeros)
+
+
+@ADVANTAGE_ESTIMATORS.register("reinforce_pp")
+def reinforce_pp_advantages(rewards: Tensor, group_size: int, *, scale: bool = True, eps: float = 1e-4) -> Tensor:
+    """REINFORCE++ (Hu et al. 2025, arXiv:2501.03262): no per-prompt baseline; the rewards are
+    normalised over the WHOLE batch (every answer of every prompt in the step's rollout).
+
+        A_i = (r_i - mean_batch) / (std_batch + eps)      if scale
+        A_i =  r_i - mean_batch                           otherwise
+
+    mean_batch and std_batch are over all valid (non-NaN) rewards; std_batch is the unbiased sample
+    standard deviation (divide by n_valid - 1), as in :func:`group_advantages`. ``scale`` keeps its
+    meaning from the other estimators (divide by the std; here the batch's), and ``eps`` is added to
+    that std. ``group_size`` only checks the layout (N divisible by it; 1 is allowed).
+
+    REINFORCE++ puts the KL term in the reward, r_t = 1[t = EOS] * r - beta * k1_t, and normalises the
+    per-token returns; that per-token shaping is the trainer's business (see
+    ``algorithms.ppo.kl_shaped_rewards``). This estimator is the outcome form: one scalar reward per
+    answer, broadcast over its tokens.
+
+    Special cases: NaN rewards are excluded from the statistics and get 0; when the batch's valid
+    rewards are all equal, or fewer than 2, every answer gets exactly 0.
+
+    Returns:
+        advantages [N] (floating dtype of ``rewards``; float32 if rewards are integer/bool).
+    """
+    _check_groups(rewards, group_size, min_group_size=1)
+    if not torch.is_floating_point(rewards):
+        rewards = rewards.to(torch.float32)
+    return _batch_normalise(rewards, ~torch.isnan(rewards), scale, eps)
+
+
+@ADVANTAGE_ESTIMATORS.register("reinforce_pp_baseline")
+def reinforce_pp_baseline_advantages(
+    rewards: Tensor, group_size: int, *, scale: bool = True, eps: float = 1e-4
+) -> Tensor:
+    """REINFORCE++-baseline (Hu et al. 2025, arXiv:2501.03262): subtract the group mean, then
+    normalise over the WHOLE batch instead of within the group (GRPO).
+
+        x_i = r_i - mean_g                                 (mean over the valid rewards of i's group g)
+        A_i = (x_i - mean_batch(x)) / (std_batch(x) + eps) if scale
+        A_i =  x_i - mean_batch(x)                         otherwise (then it equals Dr. GRPO's advantage)
+
+    mean_batch and std_batch are over the x of every valid (non-NaN) reward in the batch, including
+    the zeros of groups whose rewards are all equal; std_batch is the unbiased sample standard
+    deviation. Since every group's x sum to 0, mean_batch(x) = 0 up to round-off. ``scale`` and
+    ``eps`` mean what they mean for the other estimators, with the batch's std in place of the group's.
+
+    REINFORCE++ puts the KL term in the reward (r - beta * k1, per token); that is the trainer's
+    business (see ``algorithms.ppo.kl_shaped_rewards``), not this estimator's.
+
+    Special cases: NaN rewards are excluded and get 0; a group whose valid rewards are all equal, or
+    that has fewer than 2 valid rewards, gives its members exactly 0 (its x are 0 and mean_batch is 0).
+
+    Args:
+        rewards: float tensor [N], N = num_prompts * group_size, group-contiguous.
+        group_size: G, answers per prompt; must be >= 2.
+    Returns:
+        advantages [N] (floating dtype of ``rewards``; float32 if rewards are integer/bool).
+    """
+    num_groups = _check_groups(rewards, group_size, min_group_size=2, method="REINFORCE++-baseline")
+    if not torch.is_floating_point(rewards):
+        rewards = rewards.to(torch.float32)
+    grouped = rewards.reshape(num_groups, group_size)
+    valid, mean, _, zero_spread = _group_stats(grouped)
+    centred = torch.where(valid & ~zero_spread, grouped - mean, torch.zeros_like(grouped))
+    adv = _batch_normalise(centred.reshape(-1), valid.reshape(-1), scale, eps).reshape(num_groups, group_size)
+    adv = torch.where(zero_spread, torch.zeros_like(adv), adv)
     return adv.reshape(-1)
 
 

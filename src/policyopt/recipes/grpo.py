@@ -150,7 +150,7 @@ def micro_batch_loss(actors: Actors, tokens, rows, advantages, old_logp, ref_log
     mask = tokens.completion_mask[rows, :width]
     old = old_logp[rows, :width] if old_logp is not None else logp.detach()
     policy_loss = POLICY_LOSSES.get_fn(config.policy_loss)
-    per_token, clipped = policy_loss(logp, old, advantages[rows], config.clip_ratio_low, config.clip_ratio_high)
+    per_token, clipped = policy_loss(logp, old, advantages[rows], mask, config.clip_ratio_low, config.clip_ratio_high)
     if ref_logp is not None:
         kl = KL_ESTIMATORS.get_fn(config.kl_estimator)(logp, ref_logp[rows, :width])
         per_token = per_token + config.beta * kl

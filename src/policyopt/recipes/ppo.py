@@ -224,7 +224,7 @@ def micro_batch_loss(actor_critic, tokens, rows, adv: Advantages, minibatch_toke
     mask = adv.mask[rows, :width]
     old = adv.old_logp[rows, :width]
     policy_loss, clipped = POLICY_LOSSES.get_fn(config.policy_loss)(
-        logp, old, adv.advantages[rows, :width], config.clip_ratio_low, config.clip_ratio_high)
+        logp, old, adv.advantages[rows, :width], mask, config.clip_ratio_low, config.clip_ratio_high)
     value_loss, value_clipped = clipped_value_loss(values, adv.old_values[rows, :width], adv.returns[rows, :width],
                                                    config.clip_value)
     valid = mask.bool()
