@@ -7,7 +7,7 @@ from policyopt.cli import commands, main
 from policyopt.recipes.demo import DemoConfig, demo_config
 from policyopt.recipes.grpo import GRPOConfig
 from policyopt.recipes.pipeline import PipelineConfig, pipeline_config
-from policyopt.runtime.config import ConfigError, config_keys, find_config, load_config, preset_names
+from policyopt.runtime.config import ConfigError, config_from_dict, config_keys, find_config, load_config, preset_names
 
 
 def test_yaml_plus_dotted_overrides(tmp_path):
@@ -190,3 +190,14 @@ def test_meanings_come_from_trailing_comments_the_lines_above_and_the_mro():
     assert child["alpha"].meaning == "the child's own comment" and child["alpha"].default == 0.25
     assert child["choice"].meaning == "pick one" and child["choice"].default == "b"  # inherited comment
     assert child["gamma"].meaning == "a list of sections is one key" and child["gamma"].type == "list of _Inner"
+
+
+def test_a_reward_given_as_a_string_or_a_list_of_strings():
+    from policyopt.recipes.grpo import GRPOConfig
+
+    one = config_from_dict(GRPOConfig, {}, ["rewards=my_rewards.py:correct"])
+    assert [(r.function, r.weight, r.name) for r in one.rewards] == [("my_rewards.py:correct", 1.0, "correct")]
+    two = config_from_dict(GRPOConfig, {}, ["rewards=[accuracy, {function: format, weight: 0.1}]"])
+    assert [(r.function, r.weight) for r in two.rewards] == [("accuracy", 1.0), ("format", 0.1)]
+    with pytest.raises(ConfigError, match="rewards"):
+        config_from_dict(GRPOConfig, {}, ["rewards=3"])

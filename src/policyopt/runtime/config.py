@@ -56,13 +56,17 @@ def _coerce(value: Any, tp: Any, key: str, base: Any = None) -> Any:
                 errors.append(str(exc))
         raise ConfigError(errors[0] if errors else f"{key}: cannot be null")
     if origin in (list, tuple):
+        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        if dataclasses.is_dataclass(item_tp) and isinstance(value, (str, dict)):
+            value = [value]  # one item where a list of them is expected: rewards=file.py:fn
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key} must be a list, got {value!r}")
-        (item_tp, *_) = typing.get_args(tp) or (Any,)
         return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
+        if isinstance(value, str):  # a section given by its first field alone: {function: accuracy} as accuracy
+            value = {dataclasses.fields(tp)[0].name: value}
         if not isinstance(value, dict):
             raise ConfigError(f"{key} must be a mapping of {_type_name(tp)} fields, got {value!r}")
         return _build(tp, value, prefix=f"{key}.", base=base)
