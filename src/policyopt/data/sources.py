@@ -41,37 +41,33 @@ class DataConfig:
 
 
 class ShuffledOrder:
-    """Endless passes over ``n`` items, each pass in a fresh order drawn from (seed, epoch).
+    """Endless passes over ``n`` items, each pass in a fresh order, all drawn from one ``Random(seed)``.
 
-    Batches run across pass boundaries, and the position is a small state dict, so a resumed run
-    draws exactly the batches the uninterrupted one would have.
+    Batches run across pass boundaries. The position and the generator's state are a small state
+    dict, so a resumed run draws exactly the batches the uninterrupted one would have.
     """
 
     def __init__(self, n: int, seed: int):
         if n < 1:
             raise ValueError("nothing to draw from: the data set is empty")
-        self.n, self.seed = n, seed
-        self.epoch, self.position = 0, 0  # passes completed, items drawn in this pass
-        self._order: list[int] | None = None
+        self.n = n
+        self._rng = random.Random(seed)
+        self._pending: list[int] = []  # the rest of the current pass
 
     def take(self, k: int) -> list[int]:
-        out: list[int] = []
-        while len(out) < k:
-            if self._order is None:
-                self._order = list(range(self.n))
-                random.Random(self.seed + self.epoch).shuffle(self._order)
-            part = self._order[self.position: self.position + k - len(out)]
-            out += part
-            self.position += len(part)
-            if self.position >= self.n:
-                self.epoch, self.position, self._order = self.epoch + 1, 0, None
+        while len(self._pending) < k:
+            order = list(range(self.n))
+            self._rng.shuffle(order)
+            self._pending += order
+        out, self._pending = self._pending[:k], self._pending[k:]
         return out
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
+        return {"rng": self._rng.getstate(), "pending": list(self._pending)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.position, self._order = state["epoch"], state["position"], None
+        self._rng.setstate(state["rng"])
+        self._pending = list(state["pending"])
 
 
 class PromptSource:
