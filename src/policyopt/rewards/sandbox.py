@@ -61,6 +61,7 @@ _HOST_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
 _SANDBOX_ENV = {"PATH": "/usr/bin:/bin", "HOME": WORKDIR, "TMPDIR": "/tmp", "LANG": "C.UTF-8",
                 "PYTHONIOENCODING": "utf-8"}
 _LOG_BYTES = 8192
+_READY, _DONE = json.dumps({"ready": True}).encode(), json.dumps({"done": True}).encode()  # the runner's markers
 
 
 class SandboxUnavailable(RuntimeError):
@@ -71,7 +72,7 @@ class SandboxError(RuntimeError):
     """The sandbox itself failed (did not start, or could not be cleaned up): not the program's doing."""
 
 
-class TestFormatError(ValueError):
+class MalformedTests(ValueError):
     """A row's ``tests`` value is not in a format that ``parse_tests`` accepts."""
 
 
@@ -125,57 +126,61 @@ TestCase = StdinCase | CallCase | AssertCase
 
 def _case_from_dict(item: Any, where: str) -> StdinCase | CallCase:
     if not isinstance(item, dict):
-        raise TestFormatError(f"{where}: a test case must be an object, got {type(item).__name__}")
+        raise MalformedTests(f"{where}: a test case must be an object, got {type(item).__name__}")
     keys = set(item)
     if "stdin" in keys or "stdout" in keys:
         if keys != {"stdin", "stdout"}:
-            raise TestFormatError(f"{where}: a stdin case has exactly the keys stdin and stdout, got {sorted(keys)}")
+            raise MalformedTests(f"{where}: a stdin case has exactly the keys stdin and stdout, got {sorted(keys)}")
         if not isinstance(item["stdin"], str) or not isinstance(item["stdout"], str):
-            raise TestFormatError(f"{where}: stdin and stdout must be strings")
+            raise MalformedTests(f"{where}: stdin and stdout must be strings")
         return StdinCase(item["stdin"], item["stdout"])
     if "call" in keys:
         unknown = keys - {"call", "args", "kwargs", "return"}
         if unknown or "return" not in keys:
-            raise TestFormatError(f"{where}: a call case has the keys call, args, kwargs, return "
+            raise MalformedTests(f"{where}: a call case has the keys call, args, kwargs, return "
                                   f"(return required), got {sorted(keys)}")
         args, kwargs = item.get("args", []), item.get("kwargs", {})
         if not isinstance(item["call"], str) or not item["call"]:
-            raise TestFormatError(f"{where}: call must be a function name")
+            raise MalformedTests(f"{where}: call must be a function name")
         if not isinstance(args, list) or not isinstance(kwargs, dict):
-            raise TestFormatError(f"{where}: args must be a list and kwargs an object")
+            raise MalformedTests(f"{where}: args must be a list and kwargs an object")
         return CallCase(item["call"], tuple(args), dict(kwargs), item["return"])
-    raise TestFormatError(f"{where}: a test case has either stdin/stdout or call/args/kwargs/return, "
+    raise MalformedTests(f"{where}: a test case has either stdin/stdout or call/args/kwargs/return, "
                           f"got {sorted(keys)}")
 
 
 def parse_tests(tests: Any) -> list[TestCase] | None:
     """The test cases of one row's ``tests`` value; None when it has none.
 
-    Data (the verdict cannot be forged):
-    - a list of cases, or a JSON string holding one, each case either
-      ``{"stdin": "1 2\\n", "stdout": "3\\n"}`` or ``{"call": "add", "args": [1, 2], "return": 3}``
-      (``kwargs`` optional);
-    Legacy code (the verdict can be forged: the program runs in the same process as these lines):
-    - any other string, e.g. ``"assert add(1, 2) == 3"``, or a list of such strings (joined by lines).
+    Data, whose verdict the program cannot forge: a list of cases, or a JSON string holding one, each
+    - ``{"stdin": "1 2\\n", "stdout": "3\\n"}``: run the program as a script (``__name__ == "__main__"``)
+      with that input; passes when its stdout matches, ignoring trailing whitespace on each line and
+      trailing blank lines, and it exits with status 0;
+    - ``{"call": "add", "args": [1, 2], "kwargs": {}, "return": 3}``: execute the program (as module
+      ``solution``), call ``add(1, 2)`` (``"Class.method"`` calls it on ``Class()``); passes when the return
+      value, converted to JSON (tuples become lists), equals ``return`` (see ``values_match``).
+    Legacy code, whose verdict the program can forge (it runs in the same process as these lines and can
+    report success itself): any other string, e.g. ``"assert add(1, 2) == 3"``, or a list of such strings
+    (or a JSON string holding one), joined by lines; passes when it runs to its end.
     """
     if tests is None or (isinstance(tests, (str, list, tuple)) and len(tests) == 0):
         return None
     if isinstance(tests, str):
-        stripped = tests.lstrip()
-        if stripped.startswith("["):
-            try:
-                decoded = json.loads(tests)
-            except ValueError:
-                decoded = None
-            if isinstance(decoded, list) and decoded and all(isinstance(item, dict) for item in decoded):
-                tests = decoded
-        if isinstance(tests, str):
+        try:
+            decoded = json.loads(tests) if tests.lstrip().startswith("[") else None
+        except ValueError:
+            decoded = None  # not JSON: test code that happens to start with "["
+        if not isinstance(decoded, list) or not decoded:
             return [AssertCase(tests)]
+        tests = decoded
     if isinstance(tests, (list, tuple)):
         if all(isinstance(item, str) for item in tests):
             return [AssertCase("\n".join(tests))]
+        if not all(isinstance(item, dict) for item in tests):
+            raise MalformedTests("tests must be a list of test-case objects or a list of test-code strings, "
+                                 f"got a list of {', '.join(sorted({type(item).__name__ for item in tests}))}")
         return [_case_from_dict(item, f"test case {i}") for i, item in enumerate(tests)]
-    raise TestFormatError(f"tests must be a list of cases, a JSON string or test code, got {type(tests).__name__}")
+    raise MalformedTests(f"tests must be a list of cases, a JSON string or test code, got {type(tests).__name__}")
 
 
 def _normalise_stdout(text: str) -> str:
@@ -224,6 +229,15 @@ def send(fd, message):
     while data:
         data = data[os.write(fd, data):]
 
+def scratch(name):  # a file with no name the program could replace
+    try:
+        return os.memfd_create(name)
+    except (AttributeError, OSError):
+        import tempfile
+        fd, path = tempfile.mkstemp()
+        os.unlink(path)
+        return fd
+
 def read_all(fd, limit):
     return os.pread(fd, limit + 1, 0)
 
@@ -271,7 +285,7 @@ def child(kind, case, job):
 
 def run_case(i, case, job):
     kind = "stdin" if "stdin" in case else "call" if "call" in case else "assert"
-    fds = [os.memfd_create(name) for name in ("stdin", "stdout", "stderr", "result")]
+    fds = [scratch(name) for name in ("stdin", "stdout", "stderr", "result")]
     data = case.get("stdin", "").encode()
     while data:
         data = data[os.write(fds[0], data):]
@@ -296,7 +310,7 @@ def run_case(i, case, job):
         pidfd = os.pidfd_open(pid)
         timed_out = not select.select([pidfd], [], [], timeout)[0]
         os.close(pidfd)
-    except OSError:
+    except (AttributeError, OSError):  # no pidfd: only the trainer's wall-clock limit applies
         pass
     if timed_out:
         os.kill(pid, signal.SIGKILL)
@@ -305,6 +319,12 @@ def run_case(i, case, job):
         os.killpg(pid, signal.SIGKILL)  # whatever the case left behind in its process group
     except OSError:
         pass
+    while True:  # as the namespace's init, reap what was orphaned to it
+        try:
+            if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                break
+        except ChildProcessError:
+            break
     cap = job["answer_bytes"]
     message = {"i": i, "exit": os.waitstatus_to_exitcode(status), "timeout": timed_out}
     if kind == "stdin":
@@ -321,6 +341,7 @@ def run_case(i, case, job):
     return message
 
 def main():
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # an init ignores what it has no handler for
     chunks = []
     while True:
         chunk = os.read(0, 1 << 20)
@@ -375,9 +396,11 @@ class Isolation:
         who = {"userns": f"uid {SANDBOX_UID} in a user namespace" + (", an unused host uid outside"
                                                                      if self.as_host_uid else ""),
                "uid": "an unused unprivileged host uid (a user namespace would map it to root)"}[self.mode]
+        prefix = os.path.dirname(os.path.dirname(self.python))
+        extra = "" if prefix == "/usr" or prefix.startswith("/usr/") else f", {prefix}"
         return (f"{self.version}: namespaces {', '.join(self.namespaces)}; runs as {who}; no capabilities; "
-                f"read-only /usr, /bin, /lib*, {os.path.dirname(os.path.dirname(self.python))}; "
-                f"private tmpfs {WORKDIR}, /tmp, /dev/shm; no seccomp filter")
+                f"read-only /usr, /bin, /lib*{extra}; private tmpfs {WORKDIR}, /tmp, /dev/shm; no /proc; "
+                "no seccomp filter")
 
 
 _isolation: Isolation | None = None
@@ -461,7 +484,10 @@ def _bwrap_flags(mode: str, bwrap_help: str, python: str, prefix: str) -> tuple[
     else:  # as root without a user namespace: the runner drops to its own uid, so it needs these two
         ns = ["--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try"]
         caps = ["--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
-    return tuple(ns + caps + ["--die-with-parent", "--new-session"] + _root_layout(python, prefix))
+    # --as-pid-1: the runner is the namespace's init, so its end ends the namespace and bwrap (its parent)
+    # reaps it; with bwrap's own init in between, bwrap could exit first and orphan it. An init also
+    # cannot be sent SIGKILL from inside its namespace.
+    return tuple(ns + caps + ["--as-pid-1", "--die-with-parent", "--new-session"] + _root_layout(python, prefix))
 
 
 def _namespaces(mode: str) -> tuple[str, ...]:
@@ -515,8 +541,8 @@ def _detect() -> Isolation:
             bwrap_help = probe.stdout + probe.stderr
         except (OSError, subprocess.SubprocessError) as e:
             bwrap_help, version = "", ""
-            problems.append(f"bwrap does not run: {e}")
-        if bwrap_help:
+            problems.append(f"{bwrap} does not run: {e}")
+        if version:
             candidates = []
             if os.getuid() == 0:
                 if _reachable_by_others(python) and _reachable_by_others(prefix):
@@ -539,9 +565,10 @@ def _detect() -> Isolation:
         return Isolation(mode="none", python=os.path.realpath(sys.executable))
     raise SandboxUnavailable(
         "the code reward runs model-written programs under bubblewrap, which is not usable here ("
-        + "; ".join(problems) + "). Install Debian's bubblewrap package (apt-get install bubblewrap) "
-        f"where user namespaces are allowed, or set {UNSAFE_ENV}=1 to run the programs unisolated, with "
-        "the trainer's rights (they can then read and change anything the trainer can)")
+        + "; ".join(problems) + "). Install Debian's bubblewrap package (apt-get install bubblewrap; "
+        "a trainer that is not root also needs the kernel to allow unprivileged user namespaces), or set "
+        f"{UNSAFE_ENV}=1 to run the programs unisolated, with the trainer's rights (they can then read and "
+        "change anything the trainer can)")
 
 
 # ---------------------------------------------------------------------------------- running one program
@@ -613,23 +640,31 @@ class _Sandbox:
     def kill(self) -> None:
         """Kill the whole process tree and wait until it is gone."""
         proc = self.proc
-        if proc.returncode is None:  # not reaped yet, so the group id cannot have been reused
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
         if self.ns_pidfd is not None:
-            # Killing the namespace's init kills every process in it; the pidfd turns readable only once
-            # the init has exited, which the kernel lets happen after all the others are gone.
+            # Killing the namespace's init kills every process in it; its pidfd turns readable once it has
+            # exited, which the kernel allows only after all the others are gone. bwrap, its parent, then
+            # reaps it and exits: killing bwrap first would leave the init to the host's PID 1 to reap, and
+            # an unreaped zombie still counts against its uid's process limit.
             try:
                 signal.pidfd_send_signal(self.ns_pidfd, signal.SIGKILL)
             except OSError:
                 pass
-            gone = select.select([self.ns_pidfd], [], [], 10)[0]
+            poller = select.poll()  # not select(): the trainer's fds may be past FD_SETSIZE
+            poller.register(self.ns_pidfd, select.POLLIN)
+            gone = bool(poller.poll(10_000))
             os.close(self.ns_pidfd)
             self.ns_pidfd = None
             if not gone:
                 raise SandboxError(f"the PID namespace of sandbox {proc.pid} did not die after SIGKILL")
+            try:
+                proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                pass
+        if proc.returncode is None:  # not reaped yet, so its group id cannot have been reused
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # bwrap, its own session; --die-with-parent does the rest
+            except (ProcessLookupError, PermissionError):
+                pass
         for stream in (proc.stdin, proc.stdout, proc.stderr):
             try:
                 stream.close()
@@ -663,8 +698,8 @@ def _run_job(iso: Isolation, job: dict, limits: SandboxLimits) -> _Raw:
                 popen_kwargs.update(user=uid, group=uid, extra_groups=[])
         try:
             proc = subprocess.Popen(_command(iso, info_w, limits), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, env=_HOST_ENV, close_fds=True, start_new_session=True, umask=0o022,
-                                    **popen_kwargs)
+                                    stderr=subprocess.PIPE, env=_HOST_ENV, close_fds=True, start_new_session=True,
+                                    umask=0o022, **popen_kwargs)
         except OSError as e:
             raise SandboxError(f"could not start the sandbox: {e}") from e
         if info_w is not None:
@@ -739,16 +774,24 @@ def _collect(box: _Sandbox, info_r: int | None, payload: bytes, num_cases: int, 
                         break
                     data = data[:limits.output_bytes - received]
                     received += len(data)
-                    *complete, rest = (bytes(pending) + data).split(b"\n")
-                    pending = bytearray(rest)
-                    lines += complete
-                    if ready_at is None and lines:
-                        if not _is_marker(lines[0], "ready"):
-                            stop = True
+                    complete = []
+                    if b"\n" in data:
+                        *complete, rest = (bytes(pending) + data).split(b"\n")
+                        pending = bytearray(rest)
+                    else:
+                        pending += data
+                    for line in complete:
+                        if ready_at is None:
+                            if line != _READY:
+                                stop = True
+                                break
+                            ready_at = time.monotonic()
+                        elif line == _DONE:
+                            done = stop = True
                             break
-                        ready_at = time.monotonic()
-                    if any(_is_marker(line, "done") for line in complete):
-                        done = stop = True
+                        elif line.startswith(b"{") and len(lines) < 2 * num_cases + 2:
+                            lines.append(line)  # more than two answers per case could change nothing
+                    if stop:
                         break
                     if received >= limits.output_bytes:
                         overflowed = stop = True
@@ -766,23 +809,45 @@ def _collect(box: _Sandbox, info_r: int | None, payload: bytes, num_cases: int, 
                         box.watch_namespace(bytes(info))
     finally:
         selector.close()
-    if info:
+    if info_r is not None and box.ns_pidfd is None:
+        # bwrap writes its report before the runner starts, so it is there now unless bwrap failed
+        while len(info) < 65536:
+            try:
+                data = os.read(info_r, 65536)
+            except OSError:
+                break
+            if not data:
+                break
+            info += data
         box.watch_namespace(bytes(info))
+    if ready_at is None and not timed_out:  # it ended before "ready": its complaint may be on its way
+        _drain(proc.stderr.fileno(), log, time.monotonic() + 2)
     text = log.decode("utf-8", "replace")
     if ready_at is None:
         reason = text.strip() or "no output"
         reason = (f"the sandbox did not start within {limits.startup_seconds:g}s: {reason}" if timed_out
                   else f"the sandbox did not start: {reason}")
         return _Raw(answers=None, timed_out=False, overflowed=False, done=False, log=reason)  # type: ignore[arg-type]
-    return _Raw(answers=_answers(lines[1:], num_cases), timed_out=timed_out, overflowed=overflowed, done=done,
+    return _Raw(answers=_answers(lines, num_cases), timed_out=timed_out, overflowed=overflowed, done=done,
                 log=text)
 
 
-def _is_marker(line: bytes, key: str) -> bool:
-    try:
-        return json.loads(line) == {key: True}
-    except (ValueError, RecursionError):
-        return False
+def _drain(fd: int, log: bytearray, deadline: float) -> None:
+    """Read ``fd`` into ``log`` until its end, _LOG_BYTES or the deadline."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    while len(log) < _LOG_BYTES and (left := deadline - time.monotonic()) > 0:
+        if not poller.poll(left * 1000):
+            break
+        try:
+            data = os.read(fd, _LOG_BYTES - len(log))
+        except BlockingIOError:
+            continue
+        except OSError:
+            break
+        if not data:
+            break
+        log += data
 
 
 def _answers(lines: list[bytes], num_cases: int) -> list[dict | None]:
@@ -910,8 +975,8 @@ def code_reward(prompts, completions, tests, limits: SandboxLimits | None = None
     for row, (completion, test) in enumerate(zip(completions, tests)):
         try:
             cases = parse_tests(test)
-        except TestFormatError as e:
-            raise TestFormatError(f"tests of sample {row}: {e}") from None
+        except MalformedTests as e:
+            raise MalformedTests(f"tests of sample {row}: {e}") from None
         jobs.append(None if cases is None else (extract_code(completion_text(completion)), cases))
     if any(job is not None for job in jobs):
         isolation()  # refuse (or warn) once, before starting anything
