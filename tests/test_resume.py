@@ -282,6 +282,9 @@ def test_fresh_run_refuses_to_mix_with_old_checkpoints(command, tmp_path, capsys
 
 # PPO and GRPO see the same 8 answers per step for the same 4 steps; every stage checkpoints each step
 PIPELINE = [
+    # stages in the pipeline's own process: the same resume path (stage_result.json, resume=auto per
+    # stage) at a fraction of the interpreter starts; test_pipeline.py runs isolated stages
+    "isolate_stages=false",
     "tiny.hidden_size=32", "tiny.num_heads=2", "tiny.num_layers=1", "run_ppo_separate_critic=false",
     "eval_size=16", "num_demonstrations=32",
     "sft.steps=4", "reward.data.builtin.num_prompts=40", "reward.data.builtin.eval_prompts=8",  # reward: 5 steps
