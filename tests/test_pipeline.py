@@ -158,6 +158,8 @@ def test_memory_probe_skips_what_a_resumed_recipe_keeps_of_its_metrics(tmp_path)
     probe = StepMemoryProbe(path, interval=0.002, cuda=False)
     probe.start()
     time.sleep(0.02)
+    path.write_text("")  # a copy caught half-way: truncated, not yet written
+    time.sleep(0.02)
     path.write_text("".join(lines[:2]))  # cut back to the checkpoint at step 1, in place
     time.sleep(0.05)
     with path.open("a") as f:

@@ -177,6 +177,16 @@ def run_pipeline(config: PipelineConfig) -> dict:
 # ------------------------------------------------------------------ running a stage, measuring memory
 
 
+def _common_lines(a: bytes, b: bytes) -> int:
+    """Bytes of the complete lines ``a`` and ``b`` begin with in common."""
+    common = 0
+    for x, y in zip(a.splitlines(keepends=True), b.splitlines(keepends=True)):
+        if x != y or not x.endswith(b"\n"):
+            break
+        common += len(x)
+    return common
+
+
 class StepMemoryProbe(threading.Thread):
     """Sample memory every ``interval`` seconds and cut the samples into the recipe's steps.
 
@@ -225,10 +235,15 @@ class StepMemoryProbe(threading.Thread):
                 last, data = current, self._read()
                 if data.startswith(seen):  # appended to
                     new = data[len(seen):]
+                elif seen.startswith(data):
+                    # cut back (a resumed recipe copying its checkpoint's records over the file, possibly
+                    # caught mid-copy), or a new file not written yet: nothing new; keep what was seen, so
+                    # the records that come back are still known as old
+                    new, data = b"", seen
                 else:
-                    # cut back to a checkpoint by a resumed recipe (what is left was seen: no new steps),
-                    # or a fresh file (whose inode may be the old one's, reused): all of it is new
-                    new, partial = (b"" if seen.startswith(data) else data), ""
+                    # rewritten: the lines it shares with what was seen are old (a resumed recipe's
+                    # records up to its checkpoint), the rest is new (a fresh file shares none)
+                    new, partial = data[_common_lines(seen, data):], ""
                 seen = data
                 partial += new.decode(errors="replace")
                 *lines, partial = partial.split("\n")
