@@ -50,6 +50,14 @@ def _check_groups(rewards: Tensor, group_size: int, *, min_group_size: int, meth
     return n // group_size
 
 
+def _grouped(rewards: Tensor, group_size: int, *, min_group_size: int, method: str = "GRPO") -> Tensor:
+    """The rewards as a float [num_groups, group_size] tensor, after ``_check_groups``."""
+    num_groups = _check_groups(rewards, group_size, min_group_size=min_group_size, method=method)
+    if not torch.is_floating_point(rewards):
+        rewards = rewards.to(torch.float32)
+    return rewards.reshape(num_groups, group_size)
+
+
 def _group_stats(grouped: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """NaN-aware per-group statistics of a [num_groups, G] tensor.
 
@@ -103,10 +111,7 @@ def group_advantages(rewards: Tensor, group_size: int, *, scale: bool = True, ep
     Raises:
         ValueError: group_size < 2, or N not divisible by group_size.
     """
-    num_groups = _check_groups(rewards, group_size, min_group_size=2)
-    if not torch.is_floating_point(rewards):
-        rewards = rewards.to(torch.float32)
-    grouped = rewards.reshape(num_groups, group_size)
+    grouped = _grouped(rewards, group_size, min_group_size=2)
     valid, mean, std, zero_spread = _group_stats(grouped)
     adv = grouped - mean
     if scale:
@@ -141,10 +146,7 @@ def rloo_advantages(rewards: Tensor, group_size: int, *, scale: bool = True, eps
     Returns:
         advantages [N] (floating dtype of ``rewards``; float32 if rewards are integer/bool).
     """
-    num_groups = _check_groups(rewards, group_size, min_group_size=2, method="RLOO")
-    if not torch.is_floating_point(rewards):
-        rewards = rewards.to(torch.float32)
-    grouped = rewards.reshape(num_groups, group_size)
+    grouped = _grouped(rewards, group_size, min_group_size=2, method="RLOO")
     valid, _, _, zero_spread = _group_stats(grouped)
     count = valid.sum(dim=1, keepdim=True)
     total = torch.where(valid, grouped, torch.zeros_like(grouped)).sum(dim=1, keepdim=True)
@@ -228,13 +230,10 @@ def reinforce_pp_baseline_advantages(
     Returns:
         advantages [N] (floating dtype of ``rewards``; float32 if rewards are integer/bool).
     """
-    num_groups = _check_groups(rewards, group_size, min_group_size=2, method="REINFORCE++-baseline")
-    if not torch.is_floating_point(rewards):
-        rewards = rewards.to(torch.float32)
-    grouped = rewards.reshape(num_groups, group_size)
+    grouped = _grouped(rewards, group_size, min_group_size=2, method="REINFORCE++-baseline")
     valid, mean, _, zero_spread = _group_stats(grouped)
     centred = torch.where(valid & ~zero_spread, grouped - mean, torch.zeros_like(grouped))
-    adv = _batch_normalise(centred.reshape(-1), valid.reshape(-1), scale, eps).reshape(num_groups, group_size)
+    adv = _batch_normalise(centred.reshape(-1), valid.reshape(-1), scale, eps).reshape(grouped.shape)
     adv = torch.where(zero_spread, torch.zeros_like(adv), adv)
     return adv.reshape(-1)
 
@@ -250,13 +249,11 @@ def zero_std_group_fraction(rewards: Tensor, group_size: int) -> float:
     Raises:
         ValueError: group_size < 1, or N not divisible by group_size.
     """
-    num_groups = _check_groups(rewards, group_size, min_group_size=1)
-    if num_groups == 0:
+    grouped = _grouped(rewards, group_size, min_group_size=1)
+    if grouped.shape[0] == 0:
         return 0.0
-    if not torch.is_floating_point(rewards):
-        rewards = rewards.to(torch.float32)
-    _, _, _, zero_spread = _group_stats(rewards.reshape(num_groups, group_size))
-    return float(zero_spread.sum().item()) / num_groups
+    _, _, _, zero_spread = _group_stats(grouped)
+    return float(zero_spread.sum().item()) / grouped.shape[0]
 
 
 def whiten(values: Tensor, mask: Optional[Tensor] = None, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
