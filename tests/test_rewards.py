@@ -81,7 +81,7 @@ def test_format_reward(completion, expected):
 
 
 def test_builtin_registry():
-    assert set(BUILTIN_REWARDS) == {"accuracy", "format", "code", "code_all"}
+    assert set(BUILTIN_REWARDS) == {"accuracy", "format", "code", "code_all", "language"}
     assert BUILTIN_REWARDS["accuracy"] is accuracy_reward and BUILTIN_REWARDS["format"] is format_reward
     assert BUILTIN_REWARDS["code"](None, ["def f():\n    return 1"], ["assert f() == 1"]) == [1.0]
 

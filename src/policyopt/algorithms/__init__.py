@@ -11,6 +11,7 @@ from .advantages import (
     reinforce_pp_baseline_advantages,
     rloo_advantages,
     whiten,
+    zero_spread_groups,
     zero_std_group_fraction,
 )
 from .aggregation import LOSS_AGGREGATIONS, aggregate_loss, last_token_index, masked_mean
@@ -18,6 +19,7 @@ from .kl import KL_ESTIMATORS, kl_k1, kl_k2, kl_k3
 from .logprobs import gather_logprobs, token_entropy
 from .losses import (
     POLICY_LOSSES,
+    SEQUENCE_LEVEL_LOSSES,
     bradley_terry_loss,
     cispo_loss,
     clipped_surrogate,
@@ -25,7 +27,9 @@ from .losses import (
     grouped_pairwise_loss,
     gspo_loss,
     gspo_token_loss,
+    policy_log_ratio,
 )
+from .pass_at_k import pass_at_k
 from .ppo import adaptive_kl_coef, explained_variance, kl_shaped_rewards
 from .registry import Registry
 from .shaping import overlong_penalty
@@ -35,12 +39,14 @@ __all__ = [
     "ADVANTAGE_ESTIMATORS",
     "KL_ESTIMATORS",
     "POLICY_LOSSES",
+    "SEQUENCE_LEVEL_LOSSES",
     "LOSS_AGGREGATIONS",
     "group_advantages",
     "rloo_advantages",
     "reinforce_pp_advantages",
     "reinforce_pp_baseline_advantages",
     "zero_std_group_fraction",
+    "zero_spread_groups",
     "whiten",
     "gae_advantages",
     "kl_k1",
@@ -50,6 +56,7 @@ __all__ = [
     "gspo_loss",
     "gspo_token_loss",
     "cispo_loss",
+    "policy_log_ratio",
     "clipped_value_loss",
     "bradley_terry_loss",
     "grouped_pairwise_loss",
@@ -62,4 +69,5 @@ __all__ = [
     "adaptive_kl_coef",
     "explained_variance",
     "overlong_penalty",
+    "pass_at_k",
 ]

@@ -23,6 +23,7 @@ __all__ = [
     "reinforce_pp_advantages",
     "reinforce_pp_baseline_advantages",
     "zero_std_group_fraction",
+    "zero_spread_groups",
     "whiten",
     "gae_advantages",
 ]
@@ -236,6 +237,19 @@ def reinforce_pp_baseline_advantages(
     adv = _batch_normalise(centred.reshape(-1), valid.reshape(-1), scale, eps).reshape(grouped.shape)
     adv = torch.where(zero_spread, torch.zeros_like(adv), adv)
     return adv.reshape(-1)
+
+
+def zero_spread_groups(rewards: Tensor, group_size: int) -> Tensor:
+    """Which groups carry no learning signal: [num_groups] bool, True where the group's valid
+    (non-NaN) rewards are all equal or fewer than 2.
+
+        zero_spread_g = (n_valid_g < 2) or (max_{i in g} r_i == min_{i in g} r_i)
+
+    Such a group gives every answer exactly 0 advantage under the group estimators (GRPO, Dr. GRPO,
+    RLOO, REINFORCE++-baseline); DAPO's dynamic sampling drops it. Rewards are group-contiguous [N].
+    """
+    grouped = _grouped(rewards, group_size, min_group_size=1)
+    return _group_stats(grouped)[3].reshape(-1)
 
 
 def zero_std_group_fraction(rewards: Tensor, group_size: int) -> float:

@@ -26,6 +26,8 @@ __all__ = [
     "gspo_loss",
     "gspo_token_loss",
     "cispo_loss",
+    "policy_log_ratio",
+    "SEQUENCE_LEVEL_LOSSES",
     "clipped_value_loss",
     "bradley_terry_loss",
     "grouped_pairwise_loss",
@@ -221,6 +223,29 @@ def cispo_loss(
     if valid is not None:
         clipped = clipped & valid
     return loss, clipped.expand_as(loss)
+
+
+# the losses whose importance ratio is one per answer (GSPO's s_i), not one per token
+SEQUENCE_LEVEL_LOSSES = ("gspo", "gspo_token")
+
+
+def policy_log_ratio(policy_loss: str, logp: Tensor, old_logp: Tensor, mask: Tensor) -> Tensor:
+    """The log of the importance ratio that the registered ``policy_loss`` clips, [B, T] (0 on padding).
+
+        token-level losses (ppo_clip, cispo):   log r_it = logp_it - old_logp_it
+        sequence-level losses (gspo, gspo_token): log s_i = (1/|y_i|) sum_t m_it (logp_it - old_logp_it),
+                                                  the same on every answer token of i
+
+    For diagnostics, computed without gradient: its sign tells on which side a clipped token was
+    clipped (below 1 - eps_low or above 1 + eps_high), and exp of it is the ratio itself.
+    """
+    with torch.no_grad():
+        valid = mask.bool()
+        if policy_loss in SEQUENCE_LEVEL_LOSSES:
+            log_ratio = _sequence_log_ratio(logp, old_logp, mask).expand(logp.shape)
+        else:
+            log_ratio = logp - old_logp
+        return torch.where(valid, log_ratio, torch.zeros_like(log_ratio))
 
 
 def clipped_value_loss(

@@ -7,6 +7,8 @@ import re
 
 from policyopt.data.loading import completion_text
 
+from .language import language_reward, make_language_reward
+
 OPEN, CLOSE = "<answer>", "</answer>"
 _WHOLE_ANSWER = re.compile(r"<answer>(.*)</answer>", re.DOTALL)
 
@@ -85,5 +87,28 @@ def _code_all_reward(prompts, completions, tests, **kwargs):
     return code_reward(prompts, completions, tests, all_pass=True, **kwargs)
 
 
-BUILTIN_REWARDS = {"accuracy": accuracy_reward, "format": format_reward, "code": _code_reward,
-                   "code_all": _code_all_reward}
+class _BuiltinRewards(dict):
+    """Built-in rewards by name, and the parametrised ones as ``name:argument`` (``language:fr``).
+
+    A parametrised built-in is made on lookup by its factory, e.g. ``make_language_reward("fr")``.
+    """
+
+    factories = {"language": make_language_reward}
+
+    def _split(self, spec) -> tuple | None:
+        name, colon, argument = str(spec).partition(":")
+        return (name, argument) if colon and argument and name in self.factories else None
+
+    def __contains__(self, spec) -> bool:
+        return dict.__contains__(self, spec) or self._split(spec) is not None
+
+    def __missing__(self, spec):
+        split = self._split(spec)
+        if split is None:
+            raise KeyError(spec)
+        name, argument = split
+        return self.factories[name](argument)
+
+
+BUILTIN_REWARDS = _BuiltinRewards({"accuracy": accuracy_reward, "format": format_reward, "code": _code_reward,
+                                   "code_all": _code_all_reward, "language": language_reward})
