@@ -39,6 +39,9 @@ class Rollout:
     completion_ids: torch.Tensor  # [N, T] right-padded with the pad id
     completion_mask: torch.Tensor  # [N, T] 1 on generated tokens up to and including EOS
     finished: torch.Tensor  # [N] bool: the completion ended with EOS (not cut at max_new_tokens)
+    # [N, T] float32: the engine's own log pi(o_t) of each sampled token (0 off the mask), from engines
+    # that report them (vLLM); None from policyopt's sampler, whose pi is the trainer's pi_old exactly
+    logprobs: torch.Tensor | None = None
 
     @property
     def lengths(self) -> torch.Tensor:
