@@ -9,6 +9,7 @@ dataclasses' own comments, and examples that work as written.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import shlex
@@ -41,6 +42,7 @@ class Command:
 
 def commands() -> dict[str, Command]:
     from .recipes.demo import DemoConfig, run_demo
+    from .recipes.doctor import run_doctor
     from .recipes.grpo import GRPOConfig, run_grpo
     from .recipes.pipeline import PipelineConfig, run_pipeline
     from .recipes.ppo import PPOConfig, run_ppo
@@ -81,6 +83,14 @@ def commands() -> dict[str, Command]:
              ("prompts_per_step=16", "group_size=4", "update_epochs=2", "num_minibatches=4")),
             ("continue an interrupted run from its newest checkpoint", ("--output-dir", "runs/ppo", "--resume")),
         )),
+        "doctor": Command(GRPOConfig, run_doctor,
+                          "check a run's config before training: data, model, rewards, sampling, log-probs, cost "
+                          "(`doctor ppo|sft ...` reads that command's config; a FATAL finding exits 1)", None, (
+                              ("check a GRPO run on your data before starting it", ("sampling.temperature=0.7",
+                                                                                    "group_size=16")),
+                              ("check a PPO config", ("ppo", "value_model=separate")),
+                              ("check an SFT config", ("sft", "steps=100", "batch_size=16")),
+                          )),
         "pipeline": Command(PipelineConfig, run_pipeline,
                             "SFT -> reward model -> PPO and GRPO on the built-in task, with a cost report",
                             "pipeline", (
@@ -89,6 +99,17 @@ def commands() -> dict[str, Command]:
                                 ("the preset named explicitly, another seed", ("--config", "pipeline", "seed=1")),
                             )),
     }
+
+
+def doctor_command(overrides: list[str]) -> tuple[Command, list[str]]:
+    """``policyopt doctor [grpo|ppo|sft] ARGS``: the named command's config (default grpo), run through the doctor."""
+    import functools
+
+    from .recipes.doctor import DOCTOR_TARGETS, run_doctor
+
+    target = overrides[0] if overrides and overrides[0] in DOCTOR_TARGETS else "grpo"
+    rest = overrides[1:] if overrides and overrides[0] == target else overrides
+    return dataclasses.replace(commands()[target], run=functools.partial(run_doctor, recipe=target)), rest
 
 
 def default_config(name: str):
@@ -167,8 +188,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not sys.stderr.isatty():  # transformers' "Loading weights" / "Writing model shards" bars clutter log files
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
     command = commands()[args.command]
     overrides = list(args.overrides)
+    if args.command == "doctor":  # `doctor [grpo|ppo|sft] ARGS`: that command's config, checked
+        command, overrides = doctor_command(overrides)
     if args.output_dir:
         overrides.append(f"output_dir={args.output_dir}")
     if args.resume:
@@ -197,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     printable = {k: v for k, v in summary.items() if k not in ("model", "tokenizer")}
     print(json.dumps(printable, indent=2, default=str))
-    return 0
+    return int(summary.get("exit_code", 0))  # the doctor's: 1 after a FATAL finding
 
 
 if __name__ == "__main__":

@@ -6,12 +6,15 @@ small state dict, so a run can be resumed exactly.
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass, field
 from typing import Literal
 
 from .arithmetic import ArithmeticTask, make_demonstrations, make_rows
 from .loading import DataError, load_rows
+
+log = logging.getLogger(__name__)
 
 EVAL_SEED_OFFSET = 1_000_003  # the held-out set depends on the run seed but never meets training prompts
 DEMO_SEED_OFFSET = 2_000_003
@@ -28,7 +31,8 @@ class DataConfig:
     max_prompt_tokens: int = 256  # longest prompt in tokens; see long_prompts for longer ones
     # prompts over max_prompt_tokens: truncate (keep the end), skip, or error
     long_prompts: Literal["truncate", "skip", "error"] = "truncate"
-    num_demonstrations: int = 300  # SFT on the built-in task: how many worked examples
+    num_demonstrations: int = 300  # SFT on the built-in task: how many worked examples (a file: data.max_rows)
+    max_rows: int = 0  # use only the first N rows of `path` (0: all), before held-out rows are split off
 
     def validate(self) -> None:
         self.task.validate()
@@ -38,6 +42,8 @@ class DataConfig:
             raise ValueError(f"data.max_prompt_tokens must be >= 1, got {self.max_prompt_tokens}")
         if self.num_demonstrations < 1:
             raise ValueError(f"data.num_demonstrations must be >= 1, got {self.num_demonstrations}")
+        if self.max_rows < 0:
+            raise ValueError(f"data.max_rows must be >= 0 (0: every row), got {self.max_rows}")
 
 
 class ShuffledOrder:
@@ -80,19 +86,27 @@ class PromptSource:
         if self.builtin:
             self.eval_rows = make_rows(config.eval_size, config.task, seed=seed + EVAL_SEED_OFFSET)
             self.train_rows: list[dict] = []
+            self.eval_origin = f"{len(self.eval_rows)} built-in problems (data.eval_size), never trained on"
         else:
             rows = load_rows(config.path, config.prompt_column)
+            if config.max_rows:
+                rows = rows[:config.max_rows]
             if require_column is not None:
                 _require(rows, require_column, config.path)
             if config.eval_path is not None:
                 self.eval_rows = load_rows(config.eval_path, config.prompt_column)
                 self.train_rows = rows
+                self.eval_origin = f"the {len(self.eval_rows)} rows of data.eval_path={config.eval_path}"
             else:
                 order = list(range(len(rows)))
                 random.Random(seed + EVAL_SEED_OFFSET).shuffle(order)
                 held = min(config.eval_size, len(rows) // 5)
                 self.eval_rows = [rows[i] for i in order[:held]]
                 self.train_rows = [rows[i] for i in order[held:]]
+                self.eval_origin = (f"{held} rows held out of data.path={config.path} (min(data.eval_size="
+                                    f"{config.eval_size}, a fifth of its {len(rows)} rows); data.eval_path=FILE "
+                                    "evaluates on a file instead")
+        log.info("held-out rows: %s%s", self.eval_origin, "" if self.eval_rows else "; none, so nothing is evaluated")
         self._eval_prompts = {str(r["prompt"]) for r in self.eval_rows}
         self.batches_drawn = 0  # built-in: each batch's problems come from a seed of (seed, batch)
         self._order: ShuffledOrder | None = None  # files: passes over the training rows

@@ -35,6 +35,7 @@ from ..algorithms import (
 from ..models.forward import FORWARD_LAYOUTS, forward_in_chunks, forward_rows, split_rows
 from ..models.setup import describe
 from ..runtime.run import Run
+from .doctor import preflight
 from .rl import Actors, RLConfig, ScoredRollout, evaluator, load_actors, rollout_and_score, rollout_metrics
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ def run_grpo(config: GRPOConfig) -> dict:
     """Train with GRPO; returns the summary also written to ``summary.json``."""
     run = Run(config, "grpo", total_steps=config.steps)
     actors = load_actors(run, config)
+    preflight(actors, config)  # the doctor's cheapest checks: rewards on a few rows; warns, changes nothing
     optimizer, scheduler = config.optim.build(actors.policy, config.steps * config.optimizer_steps_per_step)
     generator = torch.Generator(device=actors.device).manual_seed(config.seed)
     run.track(model=actors.policy, tokenizer=actors.tokenizer, optimizer=optimizer, scheduler=scheduler,

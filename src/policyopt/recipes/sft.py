@@ -20,6 +20,7 @@ from ..data.loading import completion_text, prompt_text
 from ..data.sources import DataConfig, ShuffledOrder, demonstration_rows
 from ..evaluation import evaluate
 from ..models.forward import TokenBatch, forward_rows
+from ..rewards.builtin import extract_answer
 from ..models.setup import ModelConfig, describe, forward_autocast, load_or_build
 from ..rewards.combine import RewardSpec
 from ..runtime.optim import OptimConfig
@@ -33,8 +34,9 @@ class SFTConfig(RunSettings):
     output_dir: str = "runs/sft"  # where config.yaml, metrics.jsonl, checkpoints/, final/ and summary.json go
     model: ModelConfig = field(default_factory=ModelConfig)  # the model to fine-tune (null: a tiny one built here)
     data: DataConfig = field(default_factory=DataConfig)  # demonstrations (prompt + completion) and held-out rows
-    # rewards scored on greedy held-out answers; null: accuracy + format on the built-in task, none (NLL only)
-    # for a dataset file
+    # rewards scored on greedy held-out answers (accuracy_*, reward_* in the summary); null: grpo's defaults
+    # (accuracy + 0.1 format) on the built-in task or on a file whose held-out rows have an answer and whose
+    # completions use <answer>X</answer>, else none (eval/nll only; the log says so)
     rewards: list[RewardSpec] | None = None
     steps: int = 300  # optimizer steps, one batch each
     max_seconds: float = 0.0  # also stop after this much training time (0: no limit)
@@ -75,18 +77,60 @@ def nll(model, tokenizer, rows, config: SFTConfig, device, autocast) -> tuple[to
     return -(logp * mask).sum() / mask.sum().clamp(min=1), mask.sum()
 
 
+def nll_rows(config: SFTConfig, eval_rows: list[dict]) -> list[dict]:
+    """The held-out rows ``eval/nll`` scores, logged once: every built-in row (its target is the demonstrations'
+    ``<answer>X</answer>`` template), and only the rows of a file that have a completion to score."""
+    column = config.data.completion_column
+    if config.data.path is None:
+        rows, what = eval_rows, "the built-in <answer>X</answer> demonstrations"
+    else:
+        rows, what = [r for r in eval_rows if r.get(column)], f"their {column!r} column"
+    if rows:
+        log.info("eval/nll = mean negative log-likelihood per completion token of %d held-out rows' completions (%s)",
+                 len(rows), what)
+    elif eval_rows:
+        log.info("eval/nll not measured: the held-out rows have no %r column to score", column)
+    return rows
+
+
+def sft_rewards(config: SFTConfig, train_rows: list[dict], eval_rows: list[dict]) -> list[RewardSpec]:
+    """What scores SFT's greedy held-out answers: ``rewards`` when given; else grpo's defaults (accuracy, and
+    format at 0.1) where they can judge the answers: the built-in task, or held-out rows with an ``answer``
+    whose demonstrations use the built-in ``<answer>X</answer>`` template. Otherwise none, and the log says
+    that accuracy is not measured and how to measure it."""
+    if config.rewards is not None:
+        return config.rewards
+    defaults = [RewardSpec("accuracy", 1.0), RewardSpec("format", 0.1)]
+    if config.data.path is None:
+        return defaults
+    has_answers = bool(eval_rows) and all(r.get("answer") is not None for r in eval_rows)
+    sample = train_rows[:200]
+    templated = sum(extract_answer(_completion(r, config.data.completion_column)) is not None for r in sample)
+    if has_answers and templated >= 0.9 * len(sample):
+        log.info("held-out answers scored by grpo's default rewards (accuracy + format): the rows have answers "
+                 "and the demonstrations use <answer>X</answer>")
+        return defaults
+    why = ("the demonstrations do not use the <answer>X</answer> template the built-in accuracy reads"
+           if has_answers else "the held-out rows have no 'answer' column")
+    log.info("accuracy not measured (accuracy_* null): no rewards given and %s; rewards=my_rewards.py:fn (the "
+             "function grpo will use) scores greedy held-out answers", why)
+    return []
+
+
 def sft_evaluator(model, tokenizer, eval_rows, reward_functions, config: SFTConfig, device, autocast):
     """Held-out NLL of the demonstrations' completions, and greedy answers scored by ``reward_functions``."""
+    scored_rows = nll_rows(config, eval_rows)
+
     @torch.no_grad()
     def run_eval() -> dict:
         if not eval_rows:
             return {}
         model.eval()
         total, tokens = 0.0, 0.0
-        for start in range(0, len(eval_rows), 256):
-            loss, n = nll(model, tokenizer, eval_rows[start:start + 256], config, device, autocast)
+        for start in range(0, len(scored_rows), 256):
+            loss, n = nll(model, tokenizer, scored_rows[start:start + 256], config, device, autocast)
             total, tokens = total + float(loss) * float(n), tokens + float(n)
-        metrics = {"eval/nll": total / max(tokens, 1.0)}
+        metrics = {"eval/nll": total / tokens} if tokens else {}
         if reward_functions:
             metrics.update(evaluate(model, tokenizer, eval_rows, reward_functions, config.max_new_tokens,
                                     config.data.max_prompt_tokens, device, autocast=autocast))
@@ -104,10 +148,9 @@ def run_sft(config: SFTConfig) -> dict:
     model, tokenizer, device = load_or_build(model_config, texts, config.seed, save_dir=run.initial_dir)
     autocast = forward_autocast(model_config, model, device)
     log.info("SFT on %d demonstrations with %s", len(train_rows), describe(model))
-    specs = config.rewards
-    if specs is None:
-        specs = [RewardSpec("accuracy"), RewardSpec("format")] if config.data.path is None else []
-    reward_functions = [spec.load() for spec in specs]
+    if config.data.path is None:  # a file's held-out rows are described where they are read
+        log.info("held-out rows: %d built-in problems (data.eval_size), never trained on", len(eval_rows))
+    reward_functions = [spec.load() for spec in sft_rewards(config, train_rows, eval_rows)]
     optimizer, scheduler = config.optim.build(model, config.steps)
     order = ShuffledOrder(len(train_rows), config.seed)  # shuffled passes over the demonstrations
     run.track(model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler, data=order)

@@ -39,6 +39,7 @@ from .checkpoint import (
     save_pretrained_atomic,
     save_training_checkpoint,
 )
+from .advice import advise
 from .config import ConfigError, save_config
 from .metrics import MetricsLogger
 from .optim import OptimConfig, UpdateGuard, apply_update
@@ -188,6 +189,7 @@ class Run:
             evaluation = evaluate()
             metrics.update(evaluation)
             self._record_eval(step, evaluation)
+        advise(self.values.setdefault("advice", {}), step, metrics, self.config)  # warn/<rule> flags, warnings
         self.logger.log(step, metrics)
         if self._progress is not None:
             if self.history:
@@ -252,8 +254,7 @@ class Run:
         if plot is not None:
             plot_run(self.out / "metrics.jsonl", self.out / "curves.png", **plot)
         summary = {"recipe": self.name, "steps": last_step,
-                   "accuracy_before": headline(self.before) if self.before else None,
-                   "accuracy_after": headline(after) if after else None,
+                   **headline_summary(self.before, after),
                    "eval_before": self.before, "eval_after": after, "eval_history": self.history,
                    **summary, "seconds": self.seconds()}
         summary["model_dir"] = str(final) if save_model and self._model is not None else None
@@ -269,8 +270,17 @@ class Run:
 
 
 def headline(metrics: dict) -> float:
-    """The number a summary reports: accuracy when the run has the accuracy reward, else mean reward."""
+    """The number the progress bar and the evaluation history show: accuracy when the run has a reward named
+    accuracy, else the mean total reward."""
     return metrics.get("eval/accuracy", metrics.get("eval/reward", float("nan")))
+
+
+def headline_summary(before: dict, after: dict) -> dict:
+    """The summary's headline numbers, each named for what it is: ``accuracy_before``/``accuracy_after`` are
+    the held-out ``eval/accuracy`` (null when no reward is named accuracy: not measured), and
+    ``reward_before``/``reward_after`` the held-out mean total reward (null when nothing was evaluated)."""
+    return {"accuracy_before": before.get("eval/accuracy"), "accuracy_after": after.get("eval/accuracy"),
+            "reward_before": before.get("eval/reward"), "reward_after": after.get("eval/reward")}
 
 
 def _load_weights(model: torch.nn.Module, directory: Path) -> None:

@@ -1,0 +1,183 @@
+"""Which sampling and optimisation defaults make GRPO learn: SFT warm start, then GRPO, on several tasks.
+
+Every run is the real command line, as a new user runs it from the README's "your own data" section:
+
+    policyopt sft  --output-dir D/sft  data.path=demos.jsonl data.eval_path=eval.jsonl rewards=my_rewards.py:correct
+    policyopt grpo --output-dir D/grpo model.name_or_path=D/sft/final data.path=prompts.jsonl \
+        data.eval_path=eval.jsonl rewards=my_rewards.py:correct [the variant's overrides]
+
+Tasks: the built-in arithmetic at two difficulties (its own data and rewards, no files), and small verifiable
+tasks from reasoning-gym (``pip install -e .[bench]``), which generates its problems procedurally and ships
+its scorers and word lists, so nothing is downloaded. For those, this script writes what a user would: JSONL
+files of prompts, completions and answers, and a reward file whose ``correct`` is 1 when reasoning-gym's own
+scorer gives full marks, else 0.
+
+Each task has one SFT warm start (deliberately short: a partial start) shared by all its GRPO variants, so
+the variants differ only in their GRPO settings. Held-out accuracy is greedy, on the eval file (or the
+built-in task's held-out problems), before and after GRPO.
+
+    python benchmarks/defaults.py --output-dir runs/defaults                    # every task and variant
+    python benchmarks/defaults.py --tasks spell_backward --variants old new     # a subset
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# name -> (what it is, the GRPO overrides). "old" spells out the defaults before this benchmark; "defaults"
+# adds nothing, so it runs whatever the code's defaults are now.
+VARIANTS = {
+    "old": ("T=1.0, lr=5e-4, G=8 (the defaults before)", ["sampling.temperature=1.0", "optim.lr=5e-4", "group_size=8"]),
+    "t07": ("T=0.7, lr=5e-4, G=8", ["sampling.temperature=0.7", "optim.lr=5e-4", "group_size=8"]),
+    "t07_lr1e3": ("T=0.7, lr=1e-3, G=8", ["sampling.temperature=0.7", "optim.lr=1e-3", "group_size=8"]),
+    "t07_lr2e4": ("T=0.7, lr=2e-4, G=8", ["sampling.temperature=0.7", "optim.lr=2e-4", "group_size=8"]),
+    "t07_g16": ("T=0.7, lr=5e-4, G=16", ["sampling.temperature=0.7", "optim.lr=5e-4", "group_size=16"]),
+    "t10_lr1e3": ("T=1.0, lr=1e-3, G=8", ["sampling.temperature=1.0", "optim.lr=1e-3", "group_size=8"]),
+    "defaults": ("the code's current defaults, nothing set", []),
+}
+
+# Built-in arithmetic: data.task.* for both stages; the SFT warm start is kept short on purpose.
+BUILTIN_TASKS = {
+    "arith_easy": ("sums of four 1-digit numbers (the demo's task)",
+                   ["data.task.max_digits=1", "data.task.operators=+", "data.task.steps=3"], 150),
+    "arith_hard": ("2-digit a+b or a-b",
+                   ["data.task.min_digits=2", "data.task.max_digits=2", "data.task.operators=+-", "data.task.steps=1"],
+                   300),
+}
+# reasoning-gym: (what, dataset name, its config, SFT steps)
+GYM_TASKS = {
+    "spell_backward": ("reverse a 3-5 letter word", "spell_backward", {"min_word_len": 3, "max_word_len": 5}, 300),
+    "letter_counting": ("count a letter in 1-3 words", "letter_counting", {"min_words": 1, "max_words": 3}, 300),
+}
+NUM_DEMOS, NUM_PROMPTS, NUM_EVAL = 1000, 2000, 200
+
+REWARD_FILE = '''"""A user's reward: 1 when reasoning-gym's own scorer gives the answer full marks, else 0."""
+import reasoning_gym
+
+
+def correct(prompts, completions, answer, task, metadata, **columns):
+    score = reasoning_gym.get_score_answer_fn(task[0])
+    return [1.0 if score(c.strip(), {"question": p, "answer": a, "metadata": m}) == 1.0 else 0.0
+            for p, c, a, m in zip(prompts, completions, answer, metadata)]
+'''
+
+
+def write_gym_task(directory: Path, name: str, config: dict, seed: int) -> None:
+    """demos.jsonl (prompt, completion, answer), prompts.jsonl and eval.jsonl (prompt, answer), my_rewards.py."""
+    import reasoning_gym
+
+    size = NUM_DEMOS + NUM_PROMPTS + NUM_EVAL
+    dataset = reasoning_gym.create_dataset(name, size=size, seed=seed, **config)
+    rows, seen = [], set()
+    for entry in dataset:
+        if entry["question"] in seen:  # held-out prompts must never be trained on
+            continue
+        seen.add(entry["question"])
+        rows.append({"prompt": entry["question"], "answer": entry["answer"], "task": name,
+                     "metadata": json.loads(json.dumps(entry["metadata"], default=str))})
+    evaluation, rest = rows[:NUM_EVAL], rows[NUM_EVAL:]
+    demos, prompts = rest[:NUM_DEMOS], rest[NUM_DEMOS:]
+    directory.mkdir(parents=True, exist_ok=True)
+    for file, part, with_completion in (("demos.jsonl", demos, True), ("prompts.jsonl", prompts, False),
+                                        ("eval.jsonl", evaluation, False)):
+        with open(directory / file, "w") as f:
+            for row in part:
+                f.write(json.dumps({**row, "completion": row["answer"]} if with_completion else row) + "\n")
+    (directory / "my_rewards.py").write_text(REWARD_FILE)
+
+
+def policyopt(command: str, args: list[str], log_path: Path) -> float:
+    """Run ``policyopt COMMAND ARGS`` in a fresh process; returns its wall time. Fails loudly."""
+    started = time.perf_counter()
+    with open(log_path, "w") as log:
+        done = subprocess.run([sys.executable, "-m", "policyopt.cli", command, *args], stdout=log,
+                              stderr=subprocess.STDOUT, env={**os.environ, "TQDM_DISABLE": "1"})
+    if done.returncode:
+        raise SystemExit(f"policyopt {command} failed (exit {done.returncode}); see {log_path}")
+    return time.perf_counter() - started
+
+
+def read_records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run_task(task: str, variants: list[str], out: Path, seed: int) -> list[dict]:
+    directory = out / task
+    directory.mkdir(parents=True, exist_ok=True)
+    if task in BUILTIN_TASKS:
+        _, data_args, sft_steps = BUILTIN_TASKS[task]
+        sft_data = grpo_data = data_args
+        metric = "eval/accuracy"
+    else:
+        _, name, config, sft_steps = GYM_TASKS[task]
+        write_gym_task(directory, name, config, seed)
+        reward = f"rewards={directory / 'my_rewards.py'}:correct"
+        evaluation = f"data.eval_path={directory / 'eval.jsonl'}"
+        sft_data = [f"data.path={directory / 'demos.jsonl'}", evaluation, reward]
+        grpo_data = [f"data.path={directory / 'prompts.jsonl'}", evaluation, reward]
+        metric = "eval/correct"
+    sft_dir = directory / "sft"
+    if not (sft_dir / "summary.json").exists():
+        policyopt("sft", ["--output-dir", str(sft_dir), f"seed={seed}", f"steps={sft_steps}", "tensorboard=false",
+                          "eval_every=0", *sft_data], directory / "sft.log")
+    sft = json.loads((sft_dir / "summary.json").read_text())
+    results = []
+    for variant in variants:
+        grpo_dir = directory / f"grpo_{variant}"
+        if not (grpo_dir / "summary.json").exists():
+            seconds = policyopt("grpo", ["--output-dir", str(grpo_dir), f"seed={seed}", "tensorboard=false",
+                                         f"model.name_or_path={sft_dir / 'final'}", *grpo_data, *VARIANTS[variant][1]],
+                                directory / f"grpo_{variant}.log")
+        else:
+            seconds = float("nan")
+        summary = json.loads((grpo_dir / "summary.json").read_text())
+        config = (grpo_dir / "config.yaml").read_text()
+        steps = [r for r in read_records(grpo_dir / "metrics.jsonl") if "reward/mean" in r]
+        mean = (lambda key: sum(r[key] for r in steps) / len(steps))
+        results.append({
+            "task": task, "variant": variant, "settings": VARIANTS[variant][0], "seed": seed,
+            "sft_start_accuracy_sft_eval": sft["eval_after"].get(metric),
+            "accuracy_before": summary["eval_before"][metric], "accuracy_after": summary["eval_after"][metric],
+            "gain_points": 100 * (summary["eval_after"][metric] - summary["eval_before"][metric]),
+            "train_reward_mean": mean("reward/mean"), "frac_zero_std_mean": mean("frac_reward_zero_std"),
+            "frac_zero_std_last10": sum(r["frac_reward_zero_std"] for r in steps[-10:]) / len(steps[-10:]),
+            "grpo_steps": len(steps), "seconds": seconds, "resolved_config_excerpt": [
+                line.strip() for line in config.splitlines() if line.strip().startswith(("temperature:", "lr:"))],
+        })
+        print(json.dumps(results[-1]), flush=True)
+    return results
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| task | GRPO settings | held-out before | after | gain | train reward | zero-spread groups |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in results:
+        lines.append(f"| {r['task']} | {r['settings']} | {r['accuracy_before']:.3f} | {r['accuracy_after']:.3f} | "
+                     f"{r['gain_points']:+.1f} | {r['train_reward_mean']:.3f} | {r['frac_zero_std_mean']:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output-dir", default="runs/defaults")
+    parser.add_argument("--tasks", nargs="*", default=[*BUILTIN_TASKS, *GYM_TASKS])
+    parser.add_argument("--variants", nargs="*", default=["old", "t07", "t07_lr1e3", "t07_g16"])
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for task in args.tasks:
+        results += run_task(task, args.variants, out, args.seed)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
