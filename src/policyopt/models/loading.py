@@ -143,8 +143,11 @@ def load_causal_lm(name_or_path: str, dtype: torch.dtype, device: torch.device) 
 
 
 def cache_keyword(model: torch.nn.Module) -> str:
-    """transformers 5 renamed ``past_key_values`` to ``cache``; use whichever this version takes."""
-    params = inspect.signature(model.forward).parameters
+    """transformers 5 renamed ``past_key_values`` to ``cache``; use whichever this version takes.
+
+    A peft wrapper's forward takes ``**kwargs`` and passes them on, so ask the transformers model under it."""
+    get_base_model = getattr(model, "get_base_model", None)
+    params = inspect.signature((get_base_model() if callable(get_base_model) else model).forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
 

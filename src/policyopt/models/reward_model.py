@@ -31,6 +31,7 @@ from .loading import (
     resolve_device,
     resolve_dtype,
 )
+from .lora import unwrap
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +39,13 @@ STATS_FILE = "reward_stats.json"
 
 
 def reward_head(model: PreTrainedModel) -> torch.nn.Linear:
-    """The scalar head of a sequence-classification model (``score`` in Llama, Qwen, Mistral, GPT-2...)."""
-    head = getattr(model, "score", None)
-    if not isinstance(head, torch.nn.Linear) or head.out_features != 1:
+    """The scalar head of a sequence-classification model (``score`` in Llama, Qwen, Mistral, GPT-2...).
+
+    Under LoRA the head is peft's ``modules_to_save`` wrapper around the Linear: calling it runs the
+    trained copy (the original while the adapter is disabled)."""
+    head = getattr(unwrap(model), "score", None)
+    linear = getattr(head, "original_module", head)  # peft's wrapper keeps the Linear it copied
+    if not isinstance(linear, torch.nn.Linear) or linear.out_features != 1:
         raise ModelLoadError(f"{type(model).__name__} has no one-output `score` head; reward and value models "
                              "need a sequence-classification class such as LlamaForSequenceClassification")
     return head
@@ -108,8 +113,8 @@ def load_scalar_model(name_or_path: str, dtype: torch.dtype, device: torch.devic
 def sequence_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """The scalar head at the last real token (attention mask = 1) of each row: [B] float32."""
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                              position_ids=position_ids).last_hidden_state
+    hidden = unwrap(model).base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                      position_ids=position_ids).last_hidden_state
     rows = torch.arange(input_ids.size(0), device=input_ids.device)
     last = last_token_index(attention_mask)
     return reward_head(model)(hidden[rows, last]).squeeze(-1).float()

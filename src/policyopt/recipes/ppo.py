@@ -48,6 +48,7 @@ from ..algorithms import (
 )
 from ..models.forward import forward_in_chunks, forward_rows, split_rows
 from ..models.loading import ModelLoadError, resolve_dtype
+from ..models.lora import plain_weights
 from ..models.reward_model import load_scalar_model, scalar_model_from_causal_lm
 from ..models.setup import describe
 from ..models.value_head import PolicyAndValue
@@ -154,7 +155,7 @@ def separate_value_model(config: PPOConfig, actors: Actors):
     """
     head_init = "zero" if config.value_head_init == "keep" else config.value_head_init
     if config.value_model_path is None:
-        return scalar_model_from_causal_lm(actors.policy, head_init)
+        return scalar_model_from_causal_lm(plain_weights(actors.policy), head_init)  # LoRA: trained in full
     value_model = load_scalar_model(config.value_model_path, resolve_dtype(config.model.dtype, actors.device),
                                     actors.device, head_init=head_init, pad_token_id=actors.tokenizer.pad_token_id,
                                     reset_head=config.value_head_init != "keep")

@@ -40,6 +40,7 @@ from ..data.preferences import (
 )
 from ..data.sources import EVAL_SEED_OFFSET, ShuffledOrder
 from ..models.loading import load_causal_lm, load_tokenizer, resolve_device, resolve_dtype
+from ..models.lora import apply_lora
 from ..models.reward_model import (
     encode_for_scoring,
     load_scalar_model,
@@ -96,6 +97,9 @@ class RewardModelConfig(RunSettings):
             raise ValueError("epochs must be > 0, batch_size >= 1 and max_length >= 2")
         if self.center_rewards_coefficient < 0:
             raise ValueError("center_rewards_coefficient must be >= 0")
+        if self.model.lora.quantize != "none":
+            raise ValueError("model.lora.quantize is for causal LMs (sft, ppo, grpo); the reward model trains "
+                             "LoRA on an unquantized backbone: set model.lora.quantize=none")
 
 
 def _score_answers(model, tokenizer, groups: list[PreferenceGroup], max_length: int, device) -> list[torch.Tensor]:
@@ -172,13 +176,17 @@ def scalar_model(config: RewardModelConfig, run: Run, train_groups, device):
     model_config = run.model_source(config.model)
     if config.model.name_or_path is None:
         texts = [prompt_text(g.prompt) + a for g in train_groups for a in g.answers]
-        causal, tokenizer, _ = load_or_build(model_config, texts, config.seed, save_dir=run.initial_dir)
+        causal, tokenizer, _ = load_or_build(model_config, texts, config.seed, save_dir=run.initial_dir,
+                                             with_lora=False)  # the adapter goes on the scalar model below
         model = scalar_model_from_causal_lm(causal, config.head_init)
     else:
         tokenizer = load_tokenizer(config.model.tokenizer or config.model.name_or_path)
         model = load_scalar_model(config.model.name_or_path, resolve_dtype(config.model.dtype, device), device,
                                   config.head_init, pad_token_id=tokenizer.pad_token_id)
     model.config.pad_token_id = tokenizer.pad_token_id
+    if config.model.lora.enabled:  # LoRA on the backbone; the score head trains in full (modules_to_save)
+        model = apply_lora(model, config.model.lora, task="reward", seed=config.seed,
+                           base_source=config.model.name_or_path or run.initial_dir)
     return model, tokenizer
 
 

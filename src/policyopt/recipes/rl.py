@@ -22,6 +22,7 @@ from ..data.sources import DataConfig, PromptSource
 from ..evaluation import evaluate
 from ..models.forward import TokenBatch, trim_padding
 from ..models.loading import frozen_copy
+from ..models.lora import is_adapter_model, reference_policy
 from ..models.setup import ModelConfig, forward_autocast, load_or_build
 from ..rewards.combine import RewardScores, RewardSpec, score_completions
 from ..rollout.sampling import SamplingConfig, sample_completions
@@ -120,7 +121,8 @@ class Actors:
     policy: torch.nn.Module
     tokenizer: object
     device: torch.device
-    reference: torch.nn.Module | None  # frozen copy of the starting policy; None when beta = 0
+    # the starting policy, frozen: a copy, or with LoRA the policy with its adapter disabled; None when beta = 0
+    reference: torch.nn.Module | None
     reward_functions: list
     autocast: torch.dtype | None  # forward passes run under this dtype (None: the weights' own)
 
@@ -136,7 +138,9 @@ def load_actors(run: Run, config: RLConfig) -> Actors:
         log.warning("skipped %d training prompts longer than data.max_prompt_tokens=%d",
                     skipped, config.data.max_prompt_tokens)
     run.values.setdefault("prompts_skipped_too_long", skipped)
-    reference = frozen_copy(policy) if config.beta > 0 else None
+    reference = None
+    if config.beta > 0:  # with LoRA: the base under the adapter, switched off (no second copy of the model)
+        reference = reference_policy(policy) if is_adapter_model(policy) else frozen_copy(policy)
     return Actors(source, policy, tokenizer, device, reference, [spec.load() for spec in config.rewards],
                   forward_autocast(model_config, policy, device))
 

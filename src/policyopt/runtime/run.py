@@ -40,6 +40,7 @@ from .checkpoint import (
     save_training_checkpoint,
 )
 from .advice import advise
+from ..models.lora import is_adapter_model, load_adapter_weights, save_merged
 from .config import ConfigError, save_config
 from .metrics import MetricsLogger
 from .optim import OptimConfig, UpdateGuard, apply_update
@@ -247,18 +248,29 @@ class Run:
             self.logger.log(last_step, after)
         self.logger.close()
         final = self.out / "final"
+        merged = self.out / "final_merged" if self._saves_merged() else None  # LoRA: the plain merged model too
         if save_model and self._model is not None:
-            save_pretrained_atomic(self._model, self._tokenizer, final)
-            if save_also is not None:
-                save_also(final)
+            save_pretrained_atomic(self._model, self._tokenizer, final)  # LoRA: the adapter
+            if merged is not None:
+                save_merged(self._model, self._tokenizer, merged)
+            for directory in (final, merged) if save_also is not None else ():
+                if directory is not None:
+                    save_also(directory)
         if plot is not None:
             plot_run(self.out / "metrics.jsonl", self.out / "curves.png", **plot)
         summary = {"recipe": self.name, "steps": last_step,
                    **headline_summary(self.before, after),
                    "eval_before": self.before, "eval_after": after, "eval_history": self.history,
                    **summary, "seconds": self.seconds()}
-        summary["model_dir"] = str(final) if save_model and self._model is not None else None
+        summary["model_dir"] = str(merged or final) if save_model and self._model is not None else None
+        if save_model and is_adapter_model(self._model):  # model_dir (what a next stage loads) is a plain model
+            summary["adapter_dir"] = str(final)
         return self.write_summary(summary)
+
+    def _saves_merged(self) -> bool:
+        """A LoRA model is also written merged into final_merged/ unless ``model.lora.save_merged`` is false."""
+        lora = getattr(getattr(self.config, "model", None), "lora", None)
+        return is_adapter_model(self._model) and bool(getattr(lora, "save_merged", True))
 
     def write_summary(self, summary: dict) -> dict:
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -284,7 +296,13 @@ def headline_summary(before: dict, after: dict) -> dict:
 
 
 def _load_weights(model: torch.nn.Module, directory: Path) -> None:
-    """Copy the weights saved with ``save_pretrained`` in ``directory`` into ``model``, bit for bit."""
+    """Copy the weights saved with ``save_pretrained`` in ``directory`` into ``model``, bit for bit.
+
+    A LoRA model's checkpoint holds only its adapter (peft's format): the base was reloaded from where
+    it came from (``model_source``) and is frozen, so copying the adapter in restores the whole model."""
+    if is_adapter_model(model):
+        load_adapter_weights(model, directory)
+        return
     dtype = next(model.parameters()).dtype
     saved = type(model).from_pretrained(str(directory), dtype=dtype)
     model.load_state_dict(saved.state_dict())
