@@ -51,9 +51,11 @@ BUILTIN_TASKS = {
                    300),
 }
 # reasoning-gym: (what, dataset name, its config, SFT steps)
+# (spell_backward with 3-5 letter words was tried: 300 SFT steps left this tiny model at 0.5% held-out, and
+# letter_counting in 1-3 words started at 77.5%; neither is a partial start.)
 GYM_TASKS = {
-    "spell_backward": ("reverse a 3-5 letter word", "spell_backward", {"min_word_len": 3, "max_word_len": 5}, 300),
-    "letter_counting": ("count a letter in 1-3 words", "letter_counting", {"min_words": 1, "max_words": 3}, 300),
+    "letter_counting": ("count a letter in 3-6 words", "letter_counting", {"min_words": 3, "max_words": 6}, 300),
+    "count_bits": ("count the 1 bits of a number below 1000", "count_bits", {"min_n": 1, "max_n": 999}, 300),
 }
 NUM_DEMOS, NUM_PROMPTS, NUM_EVAL = 1000, 2000, 200
 
