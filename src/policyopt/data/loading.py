@@ -42,11 +42,27 @@ def _by_index(path: str, rows: list) -> list[tuple[str, Any]]:
     return [(f"{path}: row {i}", row) for i, row in enumerate(rows)]
 
 
+def _decode(path: str, raw: bytes, line: int, starts_file: bool = True) -> str:
+    """``raw`` (from ``line`` on) as UTF-8, a byte-order mark at the file's start dropped, or a DataError
+    naming the file, line and byte."""
+    try:
+        return raw.decode("utf-8-sig" if starts_file else "utf-8")
+    except UnicodeDecodeError as e:
+        line += raw.count(b"\n", 0, e.start)
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x} at column {column}); "
+                        "is it a binary file? Datasets must be UTF-8 JSON lines, JSON or parquet") from None
+
+
 def _read_jsonl(path: str) -> list[tuple[str, Any]]:
     """(location "file:line", row) pairs; blank lines are skipped."""
     located = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            line = _decode(path, raw, number, starts_file=number == 1)
+            if "\x00" in line:
+                raise DataError(f"{path}:{number}: holds NUL bytes; is it a binary file? Datasets must be UTF-8 "
+                                "JSON lines, JSON or parquet")
             if not line.strip():
                 continue
             try:
@@ -58,9 +74,10 @@ def _read_jsonl(path: str) -> list[tuple[str, Any]]:
 
 
 def _read_json(path: str) -> list:
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
+        text = _decode(path, f.read(), 1)
         try:
-            data = json.load(f)
+            data = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(
                 f"{path}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno}); "
@@ -119,6 +136,16 @@ def _check_row(row: Any, where: str, prompt_column: str) -> dict:
     return out
 
 
+CHAT_ROLES = ("system", "user", "assistant", "tool")  # what chat templates render; any other role is refused
+
+
+def role_problem(role: str) -> str | None:
+    """Why a chat message's role is refused (chat templates render an unknown one as some other turn), or None."""
+    if role in CHAT_ROLES:
+        return None
+    return f"has role {role!r:.40}; chat messages take one of {', '.join(CHAT_ROLES)}"
+
+
 def _prompt_problem(prompt: Any) -> str | None:
     """Why a prompt is unusable, or None if it is a non-empty string or chat-message list."""
     if isinstance(prompt, str):
@@ -136,6 +163,9 @@ def _prompt_problem(prompt: Any) -> str | None:
                     f"message {j} is not a chat message "
                     f'{{"role": str, "content": str}}: {message!r}'
                 )
+            problem = role_problem(message["role"])
+            if problem:
+                return f"message {j} {problem}"
         return None
     return f"must be a string or a list of chat messages, got {type(prompt).__name__}"
 

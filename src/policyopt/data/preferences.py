@@ -25,7 +25,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .loading import DataError, completion_text, load_rows
+from .loading import DataError, completion_text, load_rows, role_problem
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,11 @@ class PreferenceColumns:
 
 
 def _answer(value, where: str, column: str) -> str:
+    if isinstance(value, list) and all(isinstance(m, dict) for m in value):
+        for j, message in enumerate(value):
+            problem = role_problem(message.get("role")) if isinstance(message.get("role"), str) else "has no role"
+            if problem:
+                raise DataError(f"{where}: {column!r} message {j} {problem}")
     if isinstance(value, str) or (isinstance(value, list) and all(isinstance(m, dict) for m in value)):
         text = completion_text(value)
         if text:
@@ -145,6 +150,7 @@ def split_groups(groups: list[PreferenceGroup], eval_size: int, seed: int
 
 
 def write_groups(groups: list[PreferenceGroup], path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)  # a run's directory is made when it starts; this may come first
     with Path(path).open("w") as f:
         f.writelines(json.dumps(g.to_row(), ensure_ascii=False) + "\n" for g in groups)
 

@@ -24,6 +24,7 @@ from ..data.arithmetic import ArithmeticTask
 from ..models.tiny import TinyModelConfig, count_parameters
 from ..runtime.config import load_config, save_config
 from ..runtime.plots import plot_run
+from ..runtime.run import check_output_dir
 from .grpo import GRPOConfig, run_grpo
 from .sft import SFTConfig, run_sft
 
@@ -84,6 +85,7 @@ def _parameters(summary: dict) -> int:
 def run_demo(config: DemoConfig) -> dict:
     start = time.perf_counter()
     out = Path(config.output_dir)
+    check_output_dir(out, config.resume is not None, "demo", nested=True)  # before a stage drops a summary
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "config.yaml")
 

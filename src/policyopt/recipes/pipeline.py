@@ -42,9 +42,9 @@ import torch
 from ..data.arithmetic import ArithmeticTask
 from ..models.tiny import TinyModelConfig
 from ..rewards.combine import REWARD_MODEL_PREFIX, RewardSpec
-from ..runtime.config import ConfigError, config_from_dict, load_config, save_config
-from ..runtime.checkpoint import list_checkpoints
+from ..runtime.config import config_from_dict, load_config, save_config
 from ..runtime.metrics import read_metrics
+from ..runtime.run import check_output_dir
 from ..runtime.signals import StopRequests, TrainingInterrupted
 from .grpo import GRPOConfig, run_grpo
 from .ppo import PPOConfig, run_ppo
@@ -129,12 +129,10 @@ def pipeline_config(overrides: list[str] | Mapping | None = None) -> PipelineCon
 def run_pipeline(config: PipelineConfig) -> dict:
     start = time.perf_counter()
     out = Path(config.output_dir).resolve()
+    check_output_dir(out, config.resume is not None, "pipeline", nested=True)  # before anything is written
     out.mkdir(parents=True, exist_ok=True)
     config.share_settings()
     if config.resume is None:
-        if any(list_checkpoints(stage / "checkpoints") for stage in out.iterdir() if stage.is_dir()):
-            raise ConfigError(f"{out} already holds checkpoints of an earlier pipeline: continue it with "
-                              "resume=auto (--resume), or choose another output_dir")
         for stage in out.glob(f"*/{STAGE_RESULT}"):
             stage.unlink()  # an earlier pipeline's: a later resume must not take it for this run's
     save_config(config, out / "config.yaml")

@@ -24,7 +24,8 @@ from ..models.forward import TokenBatch, trim_padding
 from ..models.loading import frozen_copy
 from ..models.lora import is_adapter_model, reference_policy
 from ..models.setup import ModelConfig, forward_autocast, load_or_build
-from ..rewards.combine import RewardScores, RewardSpec, score_completions
+from ..rewards.combine import RewardScores, RewardSpec
+from ..rewards.harness import RewardHarness
 from ..rollout.sampling import SamplingConfig, sample_completions
 from ..runtime.run import Run, RunSettings
 
@@ -46,6 +47,13 @@ class RLConfig(RunSettings):
         default_factory=lambda: [RewardSpec("accuracy", 1.0), RewardSpec("format", 0.1)]
     )
     reward_on_error: Literal["raise", "skip"] = "raise"  # raise: stop the run; skip: score the sample as missing
+    reward_timeout: float = 300.0  # seconds one call of a reward function may take (0: no limit); see reward_workers
+    # 0: reward functions run in the trainer (the timeout holds on its main thread, for Python code); N: in N
+    # worker processes, killed and replaced at the timeout or when they crash (rm: reward models stay in the trainer)
+    reward_workers: int = 0
+    # stop when a reward function returns None (could not score) for every answer of this many training
+    # batches in a row (0: never); each such batch logs a warning
+    reward_max_unscored_batches: int = 3
 
     # batch geometry: each step samples prompts_per_step * group_size answers (the rollout batch)
     steps: int = 60  # training steps, one rollout batch each
@@ -89,6 +97,9 @@ class RLConfig(RunSettings):
             raise ValueError("beta, clip_ratio_low and clip_ratio_high must be >= 0")
         if not self.rewards:
             raise ValueError("rewards must name at least one reward function or reward model")
+        for name in ("reward_timeout", "reward_workers", "reward_max_unscored_batches"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
     @property
     def rollout_size(self) -> int:
@@ -123,13 +134,16 @@ class Actors:
     device: torch.device
     # the starting policy, frozen: a copy, or with LoRA the policy with its adapter disabled; None when beta = 0
     reference: torch.nn.Module | None
-    reward_functions: list
+    reward_functions: RewardHarness  # the run's rewards, called under reward_timeout, failures per reward_on_error
     autocast: torch.dtype | None  # forward passes run under this dtype (None: the weights' own)
 
 
 def load_actors(run: Run, config: RLConfig) -> Actors:
     """Prompts, the policy (the model this run built, when resuming), its frozen reference, rewards."""
     source = PromptSource(config.data, config.seed)
+    rewards = RewardHarness.from_specs(config.rewards, timeout=config.reward_timeout, workers=config.reward_workers,
+                                       on_error=config.reward_on_error,
+                                       max_unscored_batches=config.reward_max_unscored_batches)  # before any build
     texts = [prompt_text(r["prompt"]) for r in (source.train_rows or source.eval_rows)]
     model_config = run.model_source(config.model)
     policy, tokenizer, device = load_or_build(model_config, texts, config.seed, save_dir=run.initial_dir)
@@ -141,7 +155,7 @@ def load_actors(run: Run, config: RLConfig) -> Actors:
     reference = None
     if config.beta > 0:  # with LoRA: the base under the adapter, switched off (no second copy of the model)
         reference = reference_policy(policy) if is_adapter_model(policy) else frozen_copy(policy)
-    return Actors(source, policy, tokenizer, device, reference, [spec.load() for spec in config.rewards],
+    return Actors(source, policy, tokenizer, device, reference, rewards,
                   forward_autocast(model_config, policy, device))
 
 
@@ -186,8 +200,7 @@ def rollout_and_score(actors: Actors, config: RLConfig, generator: torch.Generat
     completions = decode_completions(actors.tokenizer, rollout.completion_ids, rollout.completion_mask)
     generation_seconds = time.perf_counter() - started
     columns = {k: [r.get(k) for r in rows for _ in range(G)] for k in rows[0] if k != "prompt"}
-    scores = score_completions(actors.reward_functions, [p for p in prompts for _ in range(G)], completions,
-                               columns, on_error=config.reward_on_error)
+    scores = actors.reward_functions.score([p for p in prompts for _ in range(G)], completions, columns)
     tokens = TokenBatch(*trim_padding(prompt_ids, prompt_mask, rollout.completion_ids, rollout.completion_mask),
                         group_size=G)
     return ScoredRollout(tokens, rollout.finished, scores, num_truncated, generation_seconds)

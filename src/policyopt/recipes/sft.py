@@ -23,6 +23,7 @@ from ..models.forward import TokenBatch, forward_rows
 from ..rewards.builtin import extract_answer
 from ..models.setup import ModelConfig, describe, forward_autocast, load_or_build
 from ..rewards.combine import RewardSpec
+from ..rewards.harness import RewardHarness
 from ..runtime.optim import OptimConfig
 from ..runtime.run import Run, RunSettings
 
@@ -38,6 +39,8 @@ class SFTConfig(RunSettings):
     # (accuracy + 0.1 format) on the built-in task or on a file whose held-out rows have an answer and whose
     # completions use <answer>X</answer>, else none (eval/nll only; the log says so)
     rewards: list[RewardSpec] | None = None
+    reward_timeout: float = 300.0  # seconds one call of a reward function may take at evaluation (0: no limit)
+    reward_workers: int = 0  # 0: rewards run in the trainer; N: in N worker processes (see policyopt grpo --help)
     steps: int = 300  # optimizer steps, one batch each
     max_seconds: float = 0.0  # also stop after this much training time (0: no limit)
     batch_size: int = 32  # demonstrations per optimizer step
@@ -56,6 +59,8 @@ class SFTConfig(RunSettings):
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.max_seconds < 0:
             raise ValueError("max_seconds must be >= 0")
+        if self.reward_timeout < 0 or self.reward_workers < 0:
+            raise ValueError("reward_timeout and reward_workers must be >= 0")
 
 
 def _completion(row: dict, column: str) -> str:
@@ -143,6 +148,8 @@ def run_sft(config: SFTConfig) -> dict:
     """Train with SFT; returns the summary also written to ``summary.json``."""
     run = Run(config, "sft", total_steps=config.steps)
     train_rows, eval_rows = demonstration_rows(config.data, config.seed)  # 1. demonstrations, held-out rows
+    specs = sft_rewards(config, train_rows, eval_rows)  # loaded before the model is built or anything written
+    reward_functions = RewardHarness.from_specs(specs, timeout=config.reward_timeout, workers=config.reward_workers)
     texts = [prompt_text(r["prompt"]) + _completion(r, config.data.completion_column) for r in train_rows]
     model_config = run.model_source(config.model)  # 2. a given model, or a tiny one built on the text
     model, tokenizer, device = load_or_build(model_config, texts, config.seed, save_dir=run.initial_dir)
@@ -150,7 +157,6 @@ def run_sft(config: SFTConfig) -> dict:
     log.info("SFT on %d demonstrations with %s", len(train_rows), describe(model))
     if config.data.path is None:  # a file's held-out rows are described where they are read
         log.info("held-out rows: %d built-in problems (data.eval_size), never trained on", len(eval_rows))
-    reward_functions = [spec.load() for spec in sft_rewards(config, train_rows, eval_rows)]
     optimizer, scheduler = config.optim.build(model, config.steps)
     order = ShuffledOrder(len(train_rows), config.seed)  # shuffled passes over the demonstrations
     run.track(model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler, data=order)

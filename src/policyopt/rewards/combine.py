@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
-import torch
 
 from policyopt.rewards.builtin import BUILTIN_REWARDS
 
@@ -110,8 +109,8 @@ class RewardSpec:
 class RewardScores:
     """Per-function rewards [N, F] (NaN = missing), weighted total [N], and how many values failed."""
 
-    per_function: torch.Tensor
-    total: torch.Tensor
+    per_function: "torch.Tensor"  # noqa: F821 (a string: this module does not import torch)
+    total: "torch.Tensor"  # noqa: F821
     names: list[str]
     num_failed: int = 0
 
@@ -136,28 +135,13 @@ def _to_float(value: Any) -> float | None:
 def _as_list(output: Any) -> list | None:
     if isinstance(output, (list, tuple)):
         return list(output)
-    if isinstance(output, (torch.Tensor, np.ndarray)):
+    if hasattr(output, "ndim") and hasattr(output, "tolist"):  # a tensor or an array (torch not imported here)
         return output.tolist() if output.ndim == 1 else None
     return None
 
 
-def score_completions(
-    functions: list[tuple[str, Callable, float]],
-    prompts: list,
-    completions: list,
-    columns: dict[str, list],
-    on_error: str = "raise",
-) -> RewardScores:
-    """Call each f(prompts=..., completions=..., **columns); None means "does not apply".
-
-    The total is the weighted sum over functions that returned a value, NaN where none did.
-    With on_error="skip", a function that raises or returns bad values scores the affected
-    samples as missing and they are counted in num_failed instead of raising RewardError.
-    """
-    if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    if not functions:
-        raise ValueError("score_completions needs at least one reward function")
+def check_batch(prompts: list, completions: list, columns: dict[str, list]) -> None:
+    """Raise ValueError unless prompts, completions and every column are lists of one length."""
     n = len(prompts)
     if len(completions) != n:
         raise ValueError(f"got {n} prompts but {len(completions)} completions")
@@ -167,41 +151,29 @@ def score_completions(
         if len(values) != n:
             raise ValueError(f"column {key!r} has {len(values)} values, expected {n}")
 
-    per_function = torch.full((n, len(functions)), float("nan"))
-    num_failed = 0
 
-    def fail(message: str, count: int, cause: BaseException | None = None) -> None:
-        nonlocal num_failed
-        if on_error == "raise":
-            raise RewardError(message) from cause
-        logger.warning("%s; scoring as missing", message)
-        num_failed += count
+def score_completions(
+    functions,
+    prompts: list,
+    completions: list,
+    columns: dict[str, list],
+    on_error: str = "raise",
+    timeout: float = 0.0,
+) -> RewardScores:
+    """Call each f(prompts=..., completions=..., **columns); None means "does not apply".
 
-    for j, (name, function, _) in enumerate(functions):
-        try:
-            output = function(prompts=prompts, completions=completions, **columns)
-        except Exception as e:
-            fail(f"reward function {name!r} raised {type(e).__name__}: {e}", n, e)
-            continue
-        values = _as_list(output)
-        if values is None or len(values) != n:
-            got = f"{len(values)} values" if values is not None else type(output).__name__
-            fail(f"reward function {name!r} must return a list of {n} values, got {got}", n)
-            continue
-        for i, value in enumerate(values):
-            try:
-                score = _to_float(value)
-            except ValueError:
-                fail(
-                    f"reward function {name!r} returned {_short(value)} for sample {i} "
-                    f"(prompt {_short(prompts[i])}); rewards must be finite numbers or None",
-                    1,
-                )
-                continue
-            if score is not None:
-                per_function[i, j] = score
+    ``functions``: (name, function, weight) triples, called in this process with a ``timeout`` per call
+    (seconds, 0: none; main thread only), or a ``RewardHarness``, which applies its own settings.
+    The total is the weighted sum over functions that returned a value, NaN where none did.
+    With on_error="skip", a function that raises, times out or returns bad values scores the affected
+    samples as missing and they are counted in num_failed instead of raising RewardError; see
+    ``policyopt.rewards.harness``. These batches never count toward stopping a run that scores nothing.
+    """
+    from .harness import RewardHarness  # the harness builds on this module
 
-    weights = torch.tensor([float(w) for _, _, w in functions])
-    total = torch.nansum(per_function * weights, dim=1)
-    total[per_function.isnan().all(dim=1)] = float("nan")
-    return RewardScores(per_function, total, [name for name, _, _ in functions], num_failed)
+    if isinstance(functions, RewardHarness):
+        return functions.score(prompts, completions, columns, training=False)
+    if not functions:
+        raise ValueError("score_completions needs at least one reward function")
+    with RewardHarness(functions, timeout=timeout, on_error=on_error, max_unscored_batches=0) as harness:
+        return harness.score(prompts, completions, columns, training=False)

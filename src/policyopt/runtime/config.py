@@ -103,15 +103,42 @@ def _coerce(value: Any, tp: Any, key: str, base: Any = None) -> Any:
     return value
 
 
-def _nested_key(cls: type, key: str) -> list[str]:
-    """``[section.key]`` when ``key`` is not a field of ``cls`` but one of its sections has it (``lr`` ->
-    ``optim.lr``): the likeliest fix for a key that moved into a section."""
+# what other trainers (TRL's GRPOConfig / PPOConfig, DeepSeekMath's mu) call a key: offered as a did-you-mean
+# where the config has the key, never accepted in its place
+KEY_ALIASES = {
+    "num_generations": "group_size", "num_iterations": "update_epochs", "mu": "update_epochs",
+    "num_ppo_epochs": "update_epochs", "ppo_epochs": "update_epochs", "num_mini_batches": "num_minibatches",
+    "learning_rate": "optim.lr", "max_completion_length": "sampling.max_new_tokens",
+    "max_prompt_length": "data.max_prompt_tokens", "epsilon": "clip_ratio_low", "cliprange": "clip_ratio_low",
+    "epsilon_high": "clip_ratio_high", "reward_funcs": "rewards", "kl_coef": "beta", "init_kl_coef": "beta",
+    "loss_type": "loss_aggregation", "max_steps": "steps", "save_steps": "save_every", "eval_steps": "eval_every",
+    "gradient_accumulation_steps": "grad_accum_steps", "cliprange_value": "clip_value",
+}
+
+
+def _normal(key: str) -> str:
+    return "".join(ch for ch in key.lower() if ch.isalnum())
+
+
+def _suggestion(cls: type, key: str) -> str | None:
+    """The key most likely meant by an unknown ``key`` of ``cls``: another trainer's name for it
+    (``num_generations`` -> ``group_size``), the same name spelt otherwise (``groupsize``, ``group-size``),
+    a key that moved into a section (``lr`` -> ``optim.lr``), else the closest spelling among the keys of
+    ``cls`` and of its sections (``group_sise``); None when nothing is close."""
     hints = typing.get_type_hints(cls)
+    candidates: dict[str, str] = {f.name: f.name for f in dataclasses.fields(cls)}  # bare name -> dotted key
     for f in dataclasses.fields(cls):
-        section = hints[f.name]
-        if dataclasses.is_dataclass(section) and key in {g.name for g in dataclasses.fields(section)}:
-            return [f"{f.name}.{key}"]
-    return []
+        if dataclasses.is_dataclass(hints[f.name]):
+            for g in dataclasses.fields(hints[f.name]):
+                candidates.setdefault(g.name, f"{f.name}.{g.name}")
+    alias = KEY_ALIASES.get(key)
+    if alias is not None and alias in candidates.values():
+        return alias
+    for bare, dotted in candidates.items():
+        if _normal(bare) == _normal(key):
+            return dotted
+    close = difflib.get_close_matches(key, list(candidates), n=1)
+    return candidates[close[0]] if close else None
 
 
 def _build(cls: type[T], data: dict, prefix: str = "", base: Any = None) -> T:
@@ -131,8 +158,8 @@ def _build(cls: type[T], data: dict, prefix: str = "", base: Any = None) -> T:
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
-            close = _nested_key(cls, str(key)) or difflib.get_close_matches(str(key), fields, n=1)
-            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            close = _suggestion(cls, str(key))
+            hint = f" (did you mean {prefix}{close}?)" if close else ""
             raise ConfigError(
                 f"unknown config key {prefix}{key}{hint}; valid keys here: {', '.join(sorted(fields))}"
             )

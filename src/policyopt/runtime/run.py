@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -85,13 +86,12 @@ class Run:
     def __init__(self, config: RunSettings, name: str, total_steps: int):
         self.config, self.name, self.total_steps = config, name, total_steps
         self.out = Path(config.output_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
         self.checkpoint_root = self.out / "checkpoints"
         self.resume_from = resolve_resume(config.resume, self.checkpoint_root)
-        if self.resume_from is None and list_checkpoints(self.checkpoint_root):
-            raise ConfigError(f"{self.out} already holds checkpoints of an earlier run: continue it with "
-                              "resume=auto (--resume), or choose another output_dir")
-        save_config(config, self.out / "config.yaml")
+        # only checks: nothing is written until start() (from begin), after the recipe has loaded its data,
+        # model and rewards, so a mistake in any of them leaves the directory as it was
+        check_output_dir(self.out, resuming=config.resume is not None)
+        self._started = False
         set_seed(config.seed)
         self.started = time.perf_counter()
         self.elapsed_earlier = 0.0
@@ -131,8 +131,21 @@ class Run:
             self._model, self._tokenizer = model, tokenizer
         self._stateful.update(stateful)
 
+    def start(self) -> None:
+        """Create the output directory and write ``config.yaml`` (rank 0): the run's first write, once
+        everything it needs has loaded. ``begin`` calls it."""
+        if self._started:
+            return
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(self.config, self.out / "config.yaml")
+        except OSError as e:
+            raise ConfigError(f"output_dir {self.out}: cannot write there ({e.strerror or e})") from None
+        self._started = True
+
     def begin(self, evaluate: Callable[[], dict]) -> int:
         """Fresh run: evaluate and log step 0. Resumed run: restore every tracked state. Returns the first step."""
+        self.start()
         metrics_path = self.out / "metrics.jsonl"
         if not self.resuming:
             metrics_path.unlink(missing_ok=True)
@@ -279,6 +292,44 @@ class Run:
     def _record_eval(self, step: int, evaluation: dict) -> None:
         if evaluation:
             self.history.append((step, headline(evaluation)))
+
+
+RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json")  # a run's first and last writes: an earlier run's mark
+
+
+def earlier_run_files(directory: Path, nested: bool = False) -> list[str]:
+    """What an earlier run left in ``directory`` (``nested``: or in its subdirectories, a pipeline's stages)."""
+    found = [name for name in RUN_FILES if (directory / name).is_file()]
+    if list_checkpoints(directory / "checkpoints"):
+        found.append("checkpoints/")
+    if nested and directory.is_dir():
+        for sub in sorted(p for p in directory.iterdir() if p.is_dir()):
+            found += [f"{sub.name}/{name}" for name in earlier_run_files(sub)]
+    return found
+
+
+def check_output_dir(out: Path, resuming: bool, what: str = "run", nested: bool = False) -> None:
+    """Refuse, before anything is written, an output_dir that is a file or cannot be written, and, unless
+    resuming, one holding an earlier run (``nested``: in a subdirectory too), which a fresh run would overwrite."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir {out} is a file, not a directory; choose another output_dir")
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"output_dir {out}: {existing} is a file, so no directory can be made there")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"output_dir {out}: {existing} is not writable by this user; choose another output_dir")
+    if resuming:
+        return
+    if list_checkpoints(out / "checkpoints"):
+        raise ConfigError(f"{out} already holds checkpoints of an earlier {what}: continue it with "
+                          "resume=auto (--resume), or choose another output_dir")
+    found = earlier_run_files(out, nested)
+    if found:
+        shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+        raise ConfigError(f"{out} already holds an earlier {what} ({shown}), which a fresh {what} would overwrite: "
+                          "continue it with resume=auto (--resume), or choose another output_dir")
 
 
 def headline(metrics: dict) -> float:
