@@ -32,7 +32,7 @@ class VLLMOptions:
     sleep_mode: bool = True
     max_model_len: int = 0  # longest prompt + answer the engine serves; 0: data.max_prompt_tokens + sampling.max_new_tokens
     kv_cache_gib: int = 1  # CPUs only: GiB of memory for the KV cache (vLLM's VLLM_CPU_KVCACHE_SPACE)
-    # after each weight sync, check on a fixed sequence that the engine's log-probs moved to the trainer's
+    # after each weight sync, check on a fixed sequence that the engine's log probabilities moved to the trainer's
     # (error if they did not; catches weights, a tied head or an adapter that never reached the engine)
     probe: bool = True
 
@@ -49,11 +49,11 @@ class RolloutConfig:
     """Which engine samples the answers, and how the loss is corrected for its log-prob mismatch."""
 
     engine: Literal["local", "vllm"] = "local"  # local: policyopt's own decode loop; vllm: a colocated vLLM engine
-    # truncated importance sampling against the engine's log-probs (only when the engine returns them):
+    # truncated importance sampling against the engine's log probabilities (when the engine returns them):
     # token: w_t = min(pi_old/pi_engine, cap) per token; sequence: one w per answer (product over its tokens); off
     is_correction: Literal["token", "sequence", "off"] = "token"
     is_cap: float = 2.0  # the weights' upper bound (verl's and TRL's TIS default)
-    vllm: VLLMOptions = field(default_factory=VLLMOptions)
+    vllm: VLLMOptions = field(default_factory=VLLMOptions)  # how the vLLM engine is built (rollout.engine=vllm)
 
     def validate(self) -> None:
         if self.is_cap < 1:
