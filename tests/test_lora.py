@@ -241,3 +241,28 @@ def test_ppo_with_lora_and_the_shared_value_head(tmp_path, digit_reward):
         assert (out / name).exists(), name
     head = load_file(str(out / "final" / "value_head.safetensors"))
     assert any(v.abs().max() > 0 for v in head.values())  # the zero-initialised value head trained
+
+
+def test_qlora_4bit_trains_only_adapters_and_exports_a_dequantized_merge(model, tokenizer, tmp_path):
+    """Where bitsandbytes is installed (its CPU backend runs 4-bit layers; the recipes still refuse QLoRA off CUDA)."""
+    pytest.importorskip("bitsandbytes")
+    from policyopt.models.lora import is_quantized, load_quantized_causal_lm
+
+    model.save_pretrained(tmp_path / "base")
+    quantized = load_quantized_causal_lm(str(tmp_path / "base"), "4bit", torch.float32, torch.device("cpu"))
+    assert is_quantized(quantized)
+    policy = _trained_adapter(quantized)
+    batch = _batch(tokenizer)
+    rows = torch.arange(batch.completion_ids.size(0))
+    logp, _ = grouped_logprobs(policy, batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
+                               batch.completion_mask, rows, batch.group_size, layout="packed")
+    logp.sum().backward()
+    assert all(".lora_" in n for n, p in policy.named_parameters() if p.grad is not None)
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    save_merged(policy, tokenizer, tmp_path / "merged")
+    assert all(torch.equal(v, before[k]) for k, v in policy.state_dict().items())
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")  # plain fp32: no quantization_config
+    assert not is_quantized(merged)
+    ids = torch.randint(0, 250, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # 4-bit layers dequantize W then multiply in fp32: the merge's only difference is order
+        assert (merged(input_ids=ids).logits - policy(input_ids=ids).logits).abs().max() < MERGE_ATOL

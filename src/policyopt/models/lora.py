@@ -48,7 +48,9 @@ class LoraConfig:
 
     r: int = 0  # LoRA rank; 0 trains every weight (no adapter); e.g. 8 or 16
     alpha: float = 16.0  # the adapter's update is scaled by alpha / r
-    dropout: float = 0.0  # dropout on the adapter's input in training passes (0 keeps RL's ratios exact)
+    # dropout on the adapter's input in training passes; in RL, > 0 makes the trained log-probs differ from
+    # the sampler's (eval mode), so pi/pi_old != 1 even on-policy
+    dropout: float = 0.0
     # layers that get an adapter: all-linear (every linear layer but the output head), a list of module
     # names (e.g. [q_proj, v_proj]) or a regular expression that peft matches against full module names
     target_modules: str | list[str] = "all-linear"
@@ -99,6 +101,8 @@ def check_quantization(config: LoraConfig, device: torch.device) -> None:
 
 def is_adapter_model(model) -> bool:
     """True for a model wrapped by peft (a LoRA run's policy, reward model...)."""
+    if not type(model).__module__.startswith("peft"):
+        return False  # told without importing peft (a second or so) in runs that never use it
     from peft import PeftModel
 
     return isinstance(model, PeftModel)
@@ -279,23 +283,32 @@ def merged_state_dict(model) -> dict[str, torch.Tensor]:
             continue
         state[key.replace(".base_layer.", ".")] = tensor
     for name, module in base.named_modules():
-        if isinstance(module, ModulesToSaveWrapper):
-            continue
+        if not name or isinstance(module, ModulesToSaveWrapper) or ".base_layer" in name or ".original_module" in name:
+            continue  # a LoRA layer's base_layer is handled with the LoRA layer (under the LoRA layer's name)
         layer = module.get_base_layer() if isinstance(module, LoraLayer) else module
         quantized = type(getattr(layer, "weight", None)).__name__ in ("Params4bit", "Int8Params")
-        if not (quantized or (isinstance(module, LoraLayer) and adapter in module.lora_A)):
+        adapted = isinstance(module, LoraLayer) and adapter in module.lora_A and not module.merged
+        if not (quantized or adapted):
             continue
         with torch.no_grad():
             weight = dequantize_module_weight(layer).detach()  # the weight itself unless quantized
-            out_dtype = weight.dtype  # a dequantized weight comes back in the dtype it was loaded in
-            if isinstance(module, LoraLayer) and adapter in module.lora_A and not module.merged:
+            out_dtype = _loaded_dtype(base, weight) if quantized else weight.dtype
+            if adapted:
                 weight = weight.float() + module.get_delta_weight(adapter).float()
             merged = weight.to(out_dtype)
-        prefix = f"{name}." if name else ""
-        for key in [k for k in state if k.startswith(f"{prefix}weight.")]:
-            del state[key]  # bitsandbytes' quantisation state (absmax, quant_map...): gone once dequantized
-        state[f"{prefix}weight"] = merged
+        if quantized:  # bitsandbytes' quantisation state (absmax, quant_map, SCB...): gone once dequantized
+            for key in [k for k in state if k.startswith(f"{name}.") and k != f"{name}.bias"]:
+                del state[key]
+        state[f"{name}.weight"] = merged
     return state
+
+
+def _loaded_dtype(base, fallback: torch.Tensor) -> torch.dtype:
+    """The dtype a quantized model was loaded in (``dtype=`` of ``from_pretrained``): its merged weights'."""
+    dtype = getattr(base.config, "dtype", None) or getattr(base.config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else fallback.dtype
 
 
 def merged_model(model):
