@@ -201,7 +201,7 @@ def test_grpo_with_lora_holds_one_copy_moves_the_adapter_and_resumes_exactly(tmp
 
 def test_sft_with_lora_saves_an_adapter_and_a_merged_model(tmp_path):
     cfg = config_from_dict(SFTConfig, {"output_dir": str(tmp_path), "steps": 10, "batch_size": 16, "eval_every": 0,
-                                       "tensorboard": False, "optim": {"lr": 5e-2, "warmup_steps": 0},
+                                       "tensorboard": False, "max_new_tokens": 4, "rewards": [], "optim": {"lr": 5e-2, "warmup_steps": 0},
                                        "model": {"tiny": TINY, "lora": {"r": 8, "alpha": 16}},
                                        "data": {"num_demonstrations": 64, "eval_size": 16}})
     summary = run_sft(cfg)
