@@ -266,3 +266,25 @@ def test_qlora_4bit_trains_only_adapters_and_exports_a_dequantized_merge(model, 
     ids = torch.randint(0, 250, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():  # 4-bit layers dequantize W then multiply in fp32: the merge's only difference is order
         assert (merged(input_ids=ids).logits - policy(input_ids=ids).logits).abs().max() < MERGE_ATOL
+
+
+@pytest.mark.slow  # four interpreter starts
+def test_lora_grpo_killed_twice_then_resumed_matches_the_uninterrupted_run(tmp_path):
+    """tests/test_resume.py's SIGKILL harness on a LoRA run: mid-checkpoint-write, then after the final evaluation."""
+    from test_resume import COMMANDS, KILLS, RUN, SITECUSTOMIZE, assert_killed_where_asked, assert_same_metrics, run_cli
+
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    args = [*[f"model.tiny.{k}={v}" for k, v in TINY.items()], *RUN, *COMMANDS["grpo"], "model.lora.r=8"]
+    reference, out = tmp_path / "reference", tmp_path / "killed"
+    done = run_cli(hooks, "grpo", reference, args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for i, spec in enumerate(KILLS):
+        assert_killed_where_asked(run_cli(hooks, "grpo", out, args, kill=spec, resume=i > 0), out, spec)
+    resumed = run_cli(hooks, "grpo", out, args, resume=True)
+    assert resumed.returncode == 0 and "resumed from" in resumed.stderr, resumed.stderr[-3000:]
+    assert_same_metrics(out, reference)
+    for name in ("final/adapter_model.safetensors", "final_merged/model.safetensors"):
+        got, want = load_file(str(out / name)), load_file(str(reference / name))
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), name
