@@ -21,6 +21,7 @@ How it stays the trainer's policy:
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import tempfile
@@ -57,7 +58,11 @@ class VLLMEngine:
         self.probe_enabled = options.probe
         base = _plain_model(model)
         self._config_dir = tempfile.TemporaryDirectory(prefix="policyopt-vllm-")
-        base.config.save_pretrained(self._config_dir.name)  # the architecture only; weights come by sync
+        served = copy.deepcopy(base.config)
+        # a model built in this process has no config.architectures until save_pretrained sets it (only rank 0
+        # saves a built model); vLLM would then guess "LlamaModel", its embedding (pooling) class's name
+        served.architectures = served.architectures or [type(base).__name__]
+        served.save_pretrained(self._config_dir.name)  # the architecture only; weights come by sync
         # no longer than the model's positions: prompts are cut to data.max_prompt_tokens, which may exceed them
         max_model_len = min(max_model_len, getattr(base.config, "max_position_embeddings", None) or max_model_len)
         dtype = options.dtype if options.dtype != "auto" else str(next(model.parameters()).dtype).removeprefix("torch.")
