@@ -16,8 +16,10 @@ Each task has one SFT warm start (deliberately short: a partial start) shared by
 the variants differ only in their GRPO settings. Held-out accuracy is greedy, on the eval file (or the
 built-in task's held-out problems), before and after GRPO.
 
-    python benchmarks/defaults.py --output-dir runs/defaults                    # every task and variant
-    python benchmarks/defaults.py --tasks spell_backward --variants old new     # a subset
+    python benchmarks/defaults.py --output-dir runs/defaults                        # every task, the 2x2 of T and lr
+    python benchmarks/defaults.py --tasks count_bits --variants t07_s200 defaults    # a subset
+
+Results, and which defaults they changed: benchmarks/README.md, "Sampling and optimisation defaults".
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ import sys
 import time
 from pathlib import Path
 
-# name -> (what it is, the GRPO overrides). "old" spells out the defaults before this benchmark; "defaults"
-# adds nothing, so it runs whatever the code's defaults are now.
+# name -> (what it is, the GRPO overrides). "old" spells out the defaults before this benchmark (temperature
+# 1.0; now 0.7, lr unchanged); "defaults" adds nothing, so it runs whatever the code's defaults are now.
 VARIANTS = {
     "old": ("T=1.0, lr=5e-4, G=8 (the defaults before)", ["sampling.temperature=1.0", "optim.lr=5e-4", "group_size=8"]),
     "t07": ("T=0.7, lr=5e-4, G=8", ["sampling.temperature=0.7", "optim.lr=5e-4", "group_size=8"]),
@@ -39,23 +41,30 @@ VARIANTS = {
     "t07_lr2e4": ("T=0.7, lr=2e-4, G=8", ["sampling.temperature=0.7", "optim.lr=2e-4", "group_size=8"]),
     "t07_g16": ("T=0.7, lr=5e-4, G=16", ["sampling.temperature=0.7", "optim.lr=5e-4", "group_size=16"]),
     "t10_lr1e3": ("T=1.0, lr=1e-3, G=8", ["sampling.temperature=1.0", "optim.lr=1e-3", "group_size=8"]),
+    "t07_s200": ("T=0.7, lr=5e-4, G=8, 200 steps", ["sampling.temperature=0.7", "optim.lr=5e-4", "group_size=8",
+                                                    "steps=200"]),
+    "t10_s200": ("T=1.0, lr=5e-4, G=8, 200 steps", ["sampling.temperature=1.0", "optim.lr=5e-4", "group_size=8",
+                                                    "steps=200"]),
     "defaults": ("the code's current defaults, nothing set", []),
 }
 
-# Built-in arithmetic: data.task.* for both stages; the SFT warm start is kept short on purpose.
+# Built-in arithmetic: (what, data.task.* for both stages, SFT steps, SFT-only overrides). The SFT warm start
+# is kept short on purpose: a partial start. (arith_hard with SFT's defaults, 300 steps on 300
+# demonstrations, started at 2.0% held-out: below the ~5% where GRPO has almost no successes to learn from.)
 BUILTIN_TASKS = {
     "arith_easy": ("sums of four 1-digit numbers (the demo's task)",
-                   ["data.task.max_digits=1", "data.task.operators=+", "data.task.steps=3"], 150),
+                   ["data.task.max_digits=1", "data.task.operators=+", "data.task.steps=3"], 300, []),
     "arith_hard": ("2-digit a+b or a-b",
                    ["data.task.min_digits=2", "data.task.max_digits=2", "data.task.operators=+-", "data.task.steps=1"],
-                   300),
+                   1000, ["data.num_demonstrations=2000"]),
 }
 # reasoning-gym: (what, dataset name, its config, SFT steps)
 # (spell_backward with 3-5 letter words was tried: 300 SFT steps left this tiny model at 0.5% held-out, and
-# letter_counting in 1-3 words started at 77.5%; neither is a partial start.)
+# letter_counting in 1-3 words started at 77.5%; neither is a partial start. count_bits below 1000 has only 999
+# distinct problems, too few for disjoint demonstrations, prompts and held-out rows.)
 GYM_TASKS = {
     "letter_counting": ("count a letter in 3-6 words", "letter_counting", {"min_words": 3, "max_words": 6}, 300),
-    "count_bits": ("count the 1 bits of a number below 1000", "count_bits", {"min_n": 1, "max_n": 999}, 300),
+    "count_bits": ("count the 1 bits of a number below 10000", "count_bits", {"min_n": 1, "max_n": 9999}, 300),
 }
 NUM_DEMOS, NUM_PROMPTS, NUM_EVAL = 1000, 2000, 200
 
@@ -83,6 +92,8 @@ def write_gym_task(directory: Path, name: str, config: dict, seed: int) -> None:
         seen.add(entry["question"])
         rows.append({"prompt": entry["question"], "answer": entry["answer"], "task": name,
                      "metadata": json.loads(json.dumps(entry["metadata"], default=str))})
+    if len(rows) < NUM_EVAL + NUM_DEMOS + NUM_EVAL:  # too few distinct problems left for the GRPO prompts
+        raise SystemExit(f"{name} {config}: only {len(rows)} distinct problems in {size} draws; widen its range")
     evaluation, rest = rows[:NUM_EVAL], rows[NUM_EVAL:]
     demos, prompts = rest[:NUM_DEMOS], rest[NUM_DEMOS:]
     directory.mkdir(parents=True, exist_ok=True)
@@ -98,8 +109,11 @@ def policyopt(command: str, args: list[str], log_path: Path) -> float:
     """Run ``policyopt COMMAND ARGS`` in a fresh process; returns its wall time. Fails loudly."""
     started = time.perf_counter()
     with open(log_path, "w") as log:
+        # One torch thread unless told otherwise: on a shared 2-core CPU, torch's default threads fighting
+        # other processes made steps 25-50x slower (benchmarks/README.md, TRL comparison).
+        env = {"OMP_NUM_THREADS": "1", **os.environ, "TQDM_DISABLE": "1"}
         done = subprocess.run([sys.executable, "-m", "policyopt.cli", command, *args], stdout=log,
-                              stderr=subprocess.STDOUT, env={**os.environ, "TQDM_DISABLE": "1"})
+                              stderr=subprocess.STDOUT, env=env)
     if done.returncode:
         raise SystemExit(f"policyopt {command} failed (exit {done.returncode}); see {log_path}")
     return time.perf_counter() - started
@@ -113,8 +127,8 @@ def run_task(task: str, variants: list[str], out: Path, seed: int) -> list[dict]
     directory = out / task
     directory.mkdir(parents=True, exist_ok=True)
     if task in BUILTIN_TASKS:
-        _, data_args, sft_steps = BUILTIN_TASKS[task]
-        sft_data = grpo_data = data_args
+        _, data_args, sft_steps, sft_only = BUILTIN_TASKS[task]
+        sft_data, grpo_data = [*data_args, *sft_only], data_args
         metric = "eval/accuracy"
     else:
         _, name, config, sft_steps = GYM_TASKS[task]
@@ -133,7 +147,9 @@ def run_task(task: str, variants: list[str], out: Path, seed: int) -> list[dict]
     for variant in variants:
         grpo_dir = directory / f"grpo_{variant}"
         if not (grpo_dir / "summary.json").exists():
+            # eval_every=0: held-out accuracy only before and after (evaluation does not change training)
             seconds = policyopt("grpo", ["--output-dir", str(grpo_dir), f"seed={seed}", "tensorboard=false",
+                                         "eval_every=0",
                                          f"model.name_or_path={sft_dir / 'final'}", *grpo_data, *VARIANTS[variant][1]],
                                 directory / f"grpo_{variant}.log")
         else:
@@ -157,11 +173,12 @@ def run_task(task: str, variants: list[str], out: Path, seed: int) -> list[dict]
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| task | GRPO settings | held-out before | after | gain | train reward | zero-spread groups |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| task | GRPO settings | held-out before (SFT start) | after | gain | train reward | "
+             "zero-spread groups (mean / last 10 steps) |", "|---|---|---:|---:|---:|---:|---:|"]
     for r in results:
         lines.append(f"| {r['task']} | {r['settings']} | {r['accuracy_before']:.3f} | {r['accuracy_after']:.3f} | "
-                     f"{r['gain_points']:+.1f} | {r['train_reward_mean']:.3f} | {r['frac_zero_std_mean']:.2f} |")
+                     f"{r['gain_points']:+.1f} | {r['train_reward_mean']:.3f} | {r['frac_zero_std_mean']:.2f} / "
+                     f"{r['frac_zero_std_last10']:.2f} |")
     return "\n".join(lines)
 
 
@@ -169,7 +186,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", default="runs/defaults")
     parser.add_argument("--tasks", nargs="*", default=[*BUILTIN_TASKS, *GYM_TASKS])
-    parser.add_argument("--variants", nargs="*", default=["old", "t07", "t07_lr1e3", "t07_g16"])
+    parser.add_argument("--variants", nargs="*", default=["old", "t07", "t07_lr1e3", "t10_lr1e3"])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     out = Path(args.output_dir)

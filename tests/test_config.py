@@ -78,7 +78,10 @@ def test_overriding_one_key_of_a_section_keeps_that_sections_other_defaults():
                 demo_config({"grpo": {"steps": 7, "sampling": {"top_k": 5}}, "sft": {"optim": {"warmup_steps": 0}}})):
         assert cfg.grpo.steps == 7 and cfg.grpo.sampling.top_k == 5 and cfg.sft.optim.warmup_steps == 0
         # the demo preset's grpo values survive, not policyopt grpo's defaults
-        assert cfg.grpo.sampling.temperature == demo_default.sampling.temperature != GRPOConfig().sampling.temperature
+        # (the demo's temperature, 0.7, is now also grpo's default, so its max_new_tokens tells them apart)
+        assert cfg.grpo.sampling.max_new_tokens == demo_default.sampling.max_new_tokens \
+            != GRPOConfig().sampling.max_new_tokens
+        assert cfg.grpo.sampling.temperature == demo_default.sampling.temperature
         assert cfg.grpo.optim.lr == demo_default.optim.lr != GRPOConfig().optim.lr
         assert cfg.grpo.eval_every == demo_default.eval_every
         assert cfg.sft.optim.lr == demo_config().sft.optim.lr == 2e-3  # one key of a nested section
