@@ -212,7 +212,7 @@ def test_ppo_reward_rises_and_logs_everything(tmp_path, reward_file):
     first = sum(r["reward/mean"] for r in records[:5]) / 5
     last = sum(r["reward/mean"] for r in records[-5:]) / 5
     assert last > first + 0.2, (first, last)
-    assert summary["accuracy_after"] > summary["accuracy_before"]
+    assert summary["reward_after"] > summary["reward_before"]
     for key in ("score", "non_score_reward", "rlhf_reward", "kl", "kl_coef", "clip_fraction", "value_clip_fraction",
                 "value_loss", "policy_loss", "explained_variance", "entropy", "approx_kl", "seconds_per_step",
                 "tokens_per_second", "completion_length", "reward/starts_with_digit/mean"):

@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import shlex
 import shutil
 import sys
@@ -187,7 +188,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    rank = int(os.environ.get("RANK", "0"))  # under torchrun, rank 0 speaks for the run; the others only warn
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s" if rank == 0 else
+                        f"%(levelname)s [rank {rank}] %(name)s: %(message)s")
     if not sys.stderr.isatty():  # transformers' "Loading weights" / "Writing model shards" bars clutter log files
         from transformers.utils import logging as transformers_logging
 
@@ -223,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"policyopt {args.command}: interrupted", file=sys.stderr)
         return 130
     printable = {k: v for k, v in summary.items() if k not in ("model", "tokenizer")}
-    print(json.dumps(printable, indent=2, default=str))
+    if rank == 0:
+        print(json.dumps(printable, indent=2, default=str))
     return int(summary.get("exit_code", 0))  # the doctor's: 1 after a FATAL finding
 
 

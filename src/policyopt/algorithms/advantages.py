@@ -5,7 +5,7 @@ Pure torch functions; no model, no state.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -270,7 +270,8 @@ def zero_std_group_fraction(rewards: Tensor, group_size: int) -> float:
     return float(zero_spread.sum().item()) / grouped.shape[0]
 
 
-def whiten(values: Tensor, mask: Optional[Tensor] = None, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+def whiten(values: Tensor, mask: Optional[Tensor] = None, shift_mean: bool = True, eps: float = 1e-8,
+           total: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
     """Masked whitening (used for PPO advantages).
 
         mean = sum(m * x) / sum(m)
@@ -280,7 +281,10 @@ def whiten(values: Tensor, mask: Optional[Tensor] = None, shift_mean: bool = Tru
 
     Statistics are taken over the elements where mask is nonzero (all elements if mask is None).
     Positions where mask == 0 are set to 0 in the output. With fewer than 2 valid elements var is 0.
+    ``total`` turns a local sum into the sum over the whole batch (several ranks: their all-reduce), so
+    the statistics are the batch's, not one shard's.
     """
+    total = total or (lambda x: x)
     if mask is None:
         mask_b = torch.ones_like(values, dtype=torch.bool)
     else:
@@ -288,10 +292,10 @@ def whiten(values: Tensor, mask: Optional[Tensor] = None, shift_mean: bool = Tru
             raise ValueError(f"mask shape {tuple(mask.shape)} must equal values shape {tuple(values.shape)}")
         mask_b = mask.bool()
     zeros = torch.zeros_like(values)
-    count = mask_b.sum().to(values.dtype)
-    mean = torch.where(mask_b, values, zeros).sum() / count.clamp(min=1)
+    count = total(mask_b.sum().to(values.dtype))
+    mean = total(torch.where(mask_b, values, zeros).sum()) / count.clamp(min=1)
     sq_dev = torch.where(mask_b, (values - mean) ** 2, zeros)
-    var = sq_dev.sum() / (count - 1).clamp(min=1)
+    var = total(sq_dev.sum()) / (count - 1).clamp(min=1)
     out = (values - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean

@@ -109,9 +109,11 @@ class PromptSource:
         log.info("held-out rows: %s%s", self.eval_origin, "" if self.eval_rows else "; none, so nothing is evaluated")
         self._eval_prompts = {str(r["prompt"]) for r in self.eval_rows}
         self.batches_drawn = 0  # built-in: each batch's problems come from a seed of (seed, batch)
+        self.prompts_drawn = 0  # position of the next prompt in the run's stream (keys its sampling noise)
         self._order: ShuffledOrder | None = None  # files: passes over the training rows
 
     def next_batch(self, n: int) -> list[dict]:
+        self.prompts_drawn += n
         if self.builtin:
             # fresh problems each step, from a seed that depends only on (seed, step): resumable
             rows = make_rows(n, self.config.task, seed=self.seed * 1_000_033 + self.batches_drawn,
@@ -131,11 +133,12 @@ class PromptSource:
         return skipped
 
     def state_dict(self) -> dict:
-        return {"batches_drawn": self.batches_drawn,
+        return {"batches_drawn": self.batches_drawn, "prompts_drawn": self.prompts_drawn,
                 "order": self._order.state_dict() if self._order is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
         self.batches_drawn, self._order = state["batches_drawn"], None
+        self.prompts_drawn = state.get("prompts_drawn", 0)
         if state["order"] is not None:
             self._order = ShuffledOrder(len(self.train_rows), self.seed)
             self._order.load_state_dict(state["order"])

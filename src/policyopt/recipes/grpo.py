@@ -30,13 +30,32 @@ from ..algorithms import (
     KL_ESTIMATORS,
     POLICY_LOSSES,
     aggregate_loss,
+    zero_spread_groups,
     zero_std_group_fraction,
 )
 from ..models.forward import FORWARD_LAYOUTS, forward_in_chunks, forward_rows, split_rows
 from ..models.setup import describe
+from ..runtime.distributed import world
 from ..runtime.run import Run
 from .doctor import preflight
-from .rl import Actors, RLConfig, ScoredRollout, evaluator, load_actors, rollout_and_score, rollout_metrics
+from .rl import (
+    Actors,
+    RLConfig,
+    ScoredRollout,
+    accumulate_gradients,
+    concat_rollouts,
+    dynamic_sampling_metrics,
+    evaluator,
+    load_actors,
+    off_policy_correction,
+    ratio_metrics,
+    record_ratio_diagnostics,
+    rollout_and_score,
+    rollout_metrics,
+    select_groups,
+    summed_over_ranks,
+    with_overlong_penalty,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +72,13 @@ class GRPOConfig(RLConfig):
     # shared = the prompt once, its KV cache gathered per answer; padded = [prompt | answer] per answer;
     # auto = packed or shared, whichever costs less for the batch at hand
     forward_layout: Literal[FORWARD_LAYOUTS] = "auto"
+    # DAPO (Yu et al. 2025, arXiv:2503.14476): dynamic sampling, the soft overlong punishment, overlong filtering
+    dynamic_sampling: bool = False  # train only on groups whose rewards differ; sample more prompts to refill
+    max_generation_rounds: int = 3  # dynamic sampling: rollouts per step at most (then train on what was found)
+    # the soft overlong punishment: 0 up to L_max - this many tokens, then down to -1 at L_max =
+    # sampling.max_new_tokens, added to each answer's reward (logged as reward/overlong); 0: off
+    overlong_penalty_cache: int = 0
+    overlong_filter: bool = False  # answers cut at sampling.max_new_tokens (no EOS) are masked out of the loss
 
     def validate(self) -> None:
         super().validate()
@@ -61,6 +87,14 @@ class GRPOConfig(RLConfig):
                 f"group_size must be >= 2: GRPO's advantage compares answers to the same prompt, and a "
                 f"group of {self.group_size} gives every answer zero advantage"
             )
+        if self.max_generation_rounds < 1:
+            raise ValueError(f"max_generation_rounds must be >= 1, got {self.max_generation_rounds}")
+        if not 0 <= self.overlong_penalty_cache <= self.sampling.max_new_tokens:
+            raise ValueError(f"overlong_penalty_cache must be in [0, sampling.max_new_tokens="
+                             f"{self.sampling.max_new_tokens}] (0: off), got {self.overlong_penalty_cache}")
+        if self.dynamic_sampling and max(world().size, self.distributed.world_size) > 1:
+            raise ValueError("dynamic_sampling runs on one process for now: each rank would refill its own share "
+                             "of the batch to a different size")
 
 
 def run_grpo(config: GRPOConfig) -> dict:
@@ -79,12 +113,13 @@ def run_grpo(config: GRPOConfig) -> dict:
 
     for step in run.steps():
         started = time.perf_counter()
-        scored = rollout_and_score(actors, config, generator)  # 1-2. G answers per prompt, each scored
+        scored, sampled = rollout_with_signal(actors, config, generator)  # 1-2. G answers per prompt, scored
         advantages = group_relative_advantages(scored, config, actors.device)  # 3. one A_i per answer
         old_logp, ref_logp = old_and_reference_logprobs(actors, scored, config)
+        is_weights = off_policy_correction(scored, old_logp, config, log_into=sampled)  # vllm: pi_old / pi_engine
         sums = update_policy(run, step, actors, (optimizer, scheduler), scored, advantages, old_logp, ref_logp,
-                             config)  # 4. update_epochs passes over minibatches
-        metrics = step_metrics(scored, sums, scheduler.get_last_lr()[0], started, config,  # 5.
+                             config, is_weights)  # 4. update_epochs passes over minibatches
+        metrics = step_metrics(scored, sampled, sums, scheduler.get_last_lr()[0], started, config,  # 5.
                                with_kl=ref_logp is not None)
         run.log(step, metrics, evaluate, reward=f"{metrics['reward/mean']:.3f}")
 
@@ -92,67 +127,122 @@ def run_grpo(config: GRPOConfig) -> dict:
                       plot={"title": "GRPO"})
 
 
+def rollout_with_signal(actors: Actors, config: GRPOConfig, generator) -> tuple[ScoredRollout, ScoredRollout]:
+    """(the batch to train on, every answer sampled this step): one rollout each, unless dynamic sampling.
+
+    DAPO's dynamic sampling: each round samples prompts_per_step prompts; groups whose rewards are all
+    equal (zero advantage for every answer) are dropped, and rounds go on until prompts_per_step groups
+    with signal are in hand (the first ones found are kept, the extra drawn prompts are consumed) or
+    max_generation_rounds is reached. Then the step trains on the groups found, a smaller batch whose
+    normalisers count what it holds (``update_policy``); with none, the step makes no update. The
+    overlong punishment is added to the rewards before the groups are judged.
+    """
+    kept, rounds, found = [], [], 0
+    for _ in range(config.max_generation_rounds if config.dynamic_sampling else 1):
+        scored = with_overlong_penalty(rollout_and_score(actors, config, generator), config.sampling.max_new_tokens,
+                                       config.overlong_penalty_cache)
+        rounds.append(scored)
+        if not config.dynamic_sampling:
+            return scored, scored
+        signal = ~zero_spread_groups(scored.scores.total, config.group_size)
+        kept.append(select_groups(scored, signal))
+        found += int(signal.sum())
+        if found >= config.prompts_per_step:
+            break
+    pad = actors.tokenizer.pad_token_id
+    trained = concat_rollouts(kept, pad)
+    trained = select_groups(trained, torch.arange(found) < config.prompts_per_step)
+    return trained, concat_rollouts(rounds, pad)
+
+
+def trained_token_mask(scored: ScoredRollout, config: GRPOConfig) -> torch.Tensor:
+    """[N, T] the answer tokens the loss is taken over: all of them, less every token of the answers cut
+    at sampling.max_new_tokens when overlong_filter is set (DAPO's overlong filtering)."""
+    mask = scored.tokens.completion_mask
+    if config.overlong_filter:
+        mask = mask * scored.finished.to(mask.device, mask.dtype)[:, None]
+    return mask
+
+
 def group_relative_advantages(scored: ScoredRollout, config: GRPOConfig, device) -> torch.Tensor:
-    """A_i [N] from the registered estimator: each answer against the other answers to its prompt."""
+    """A_i [N] from the registered estimator: each answer against the other answers to its prompt.
+
+    With several ranks, the estimator sees the whole step's rewards (REINFORCE++ normalises over the
+    batch) and each rank keeps its own answers' advantages.
+    """
     estimator = ADVANTAGE_ESTIMATORS.get_fn(config.advantage_estimator)
     rewards = scored.scores.total.to(device)  # [N], NaN where no function applied (advantage 0)
-    return estimator(rewards, config.group_size, scale=config.scale_rewards, eps=config.advantage_eps)
+    everyone = world().gather(rewards)
+    advantages = estimator(everyone, config.group_size, scale=config.scale_rewards, eps=config.advantage_eps)
+    n = rewards.numel()
+    return advantages[world().rank * n: (world().rank + 1) * n]
 
 
 def old_and_reference_logprobs(actors: Actors, scored: ScoredRollout, config: GRPOConfig):
     """(log pi_old [N, T] or None, log pi_ref [N, T] or None), without gradients.
 
     pi_old is needed only once the policy moves before the last update; with one update per rollout,
-    pi_old = pi_theta.detach() and no extra forward pass is spent. pi_ref only when beta > 0.
+    pi_old = pi_theta.detach() and no extra forward pass is spent, unless an engine sampled the answers
+    (rollout.engine=vllm): its pi differs slightly, and the trainer's pi_old is what the IS weights need.
+    pi_ref only when beta > 0.
     """
     tokens = scored.tokens
     n = tokens.completion_ids.size(0)
     chunks = split_rows(torch.arange(n, device=actors.device), 1, tokens.row_tokens(), config.max_tokens_per_forward)
     options = dict(temperature=config.sampling.temperature, layout=config.forward_layout, autocast=actors.autocast)
-    off_policy = config.update_epochs > 1 or config.num_minibatches > 1
-    old = forward_in_chunks(actors.policy, tokens, chunks, **options)[0] if off_policy else None
+    off_policy = config.update_epochs > 1 or config.num_minibatches > 1 or scored.engine_logp is not None
+    with world().unsharded(actors.policy):
+        old = forward_in_chunks(actors.policy, tokens, chunks, **options)[0] if off_policy else None
     ref = forward_in_chunks(actors.reference, tokens, chunks, **options)[0] if actors.reference is not None else None
     return old, ref
 
 
 def update_policy(run: Run, step: int, actors: Actors, optimization, scored: ScoredRollout,
-                  advantages: torch.Tensor, old_logp, ref_logp, config: GRPOConfig) -> dict:
+                  advantages: torch.Tensor, old_logp, ref_logp, config: GRPOConfig, is_weights=None) -> dict:
     """update_epochs passes over the rollout in num_minibatches optimizer steps; returns sums for the metrics.
 
     At beta = 0, answers with zero advantage add nothing to the gradient, so they get no forward or
-    backward; the loss normaliser still counts the whole minibatch (answers and tokens).
+    backward; the loss normaliser still counts the whole minibatch (answers and tokens), over all
+    ranks: each rank's minibatch m is its share of the global minibatch m. Answers the overlong filter
+    masks out count in neither. The normalisers count the minibatch as it is, so a batch that dynamic
+    sampling left short is num_minibatches near-equal minibatches of what it holds.
     """
     optimizer, scheduler = optimization
     tokens = scored.tokens
     n = tokens.completion_ids.size(0)
     row_tokens = tokens.row_tokens()
-    skip = (advantages == 0) if ref_logp is None else None
+    loss_mask = trained_token_mask(scored, config)
+    trained_rows = loss_mask.any(dim=1)  # False: an answer the overlong filter masks out, no forward needed
+    skip = (~trained_rows | (advantages == 0)) if ref_logp is None else ~trained_rows
     sums: dict = defaultdict(float)
     actors.policy.train()
+    ranks = world()
     for _ in range(config.update_epochs):
-        for minibatch in torch.arange(n, device=actors.device).split(config.minibatch_size):
-            minibatch_tokens = float(tokens.completion_mask[minibatch].sum())
-            loss_value = 0.0
-            for rows in split_rows(minibatch, config.grad_accum_steps, row_tokens, config.max_tokens_per_forward,
-                                   skip):
-                loss = micro_batch_loss(actors, tokens, rows, advantages, old_logp, ref_logp, minibatch_tokens,
-                                        config, sums)
-                loss.backward()
-                loss_value += float(loss.detach())
+        for minibatch in torch.arange(n, device=actors.device).tensor_split(config.num_minibatches):
+            counts = (ranks.sum(float(trained_rows[minibatch].sum())), ranks.sum(float(loss_mask[minibatch].sum())))
+            micro_batches = split_rows(minibatch, config.grad_accum_steps, row_tokens, config.max_tokens_per_forward,
+                                       skip)
+            loss_value = accumulate_gradients(micro_batches, minibatch[:1], lambda rows, into: micro_batch_loss(
+                actors, tokens, rows, advantages, old_logp, ref_logp, loss_mask, counts, config, into, is_weights), sums)
             run.optimizer_step(actors.policy, optimizer, scheduler, loss_value, step, sums)
     return sums
 
 
-def micro_batch_loss(actors: Actors, tokens, rows, advantages, old_logp, ref_logp, minibatch_tokens: float,
-                     config: GRPOConfig, sums: dict) -> torch.Tensor:
-    """The clipped surrogate plus beta * KL on answer ``rows``, aggregated with the whole minibatch's counts."""
+def micro_batch_loss(actors: Actors, tokens, rows, advantages, old_logp, ref_logp, loss_mask, minibatch_counts,
+                     config: GRPOConfig, sums: dict, is_weights=None) -> torch.Tensor:
+    """The clipped surrogate plus beta * KL on answer ``rows``, aggregated with the whole minibatch's counts
+    ``minibatch_counts`` = (answers, tokens) under ``loss_mask`` [N, T] (``trained_token_mask``). The surrogate
+    is weighted by ``is_weights`` [N, T] (truncated pi_old / pi_engine, detached) when an engine sampled."""
     logp, entropy, _ = forward_rows(actors.policy, tokens, rows, temperature=config.sampling.temperature,
-                                    layout=config.forward_layout, autocast=actors.autocast, with_entropy=True)
+                                    layout=training_layout(config), autocast=actors.autocast, with_entropy=True)
     width = logp.size(1)
-    mask = tokens.completion_mask[rows, :width]
+    mask = loss_mask[rows, :width]
     old = old_logp[rows, :width] if old_logp is not None else logp.detach()
     policy_loss = POLICY_LOSSES.get_fn(config.policy_loss)
     per_token, clipped = policy_loss(logp, old, advantages[rows], mask, config.clip_ratio_low, config.clip_ratio_high)
+    record_ratio_diagnostics(sums, config.policy_loss, logp, old, mask, clipped)
+    if is_weights is not None:  # the answers came from the engine's pi, not pi_old (rl.off_policy_correction)
+        per_token = per_token * is_weights[rows, :width]
     if ref_logp is not None:
         kl = KL_ESTIMATORS.get_fn(config.kl_estimator)(logp, ref_logp[rows, :width])
         per_token = per_token + config.beta * kl
@@ -160,25 +250,39 @@ def micro_batch_loss(actors: Actors, tokens, rows, advantages, old_logp, ref_log
     sums["clip"] += float((clipped.float() * mask).sum())
     sums["entropy"] += float((entropy * mask).sum())
     sums["tokens"] += float(mask.sum())
-    return aggregate_loss(per_token, mask, config.loss_aggregation, num_sequences=config.minibatch_size,
-                          num_tokens=minibatch_tokens, constant=config.sampling.max_new_tokens)
+    return aggregate_loss(per_token, mask, config.loss_aggregation, num_sequences=minibatch_counts[0],
+                          num_tokens=minibatch_counts[1], constant=config.sampling.max_new_tokens)
 
 
-def step_metrics(scored: ScoredRollout, sums: dict, lr: float, started: float, config: GRPOConfig,
-                 with_kl: bool) -> dict:
+def training_layout(config: GRPOConfig) -> str:
+    """The training forward's layout. Under fsdp every rank must run the same number of model calls in
+    the same order, so ``auto`` (which picks per micro-batch, shared taking two calls) is ``padded``."""
+    return "padded" if world().sharded and config.forward_layout == "auto" else config.forward_layout
+
+
+def step_metrics(scored: ScoredRollout, sampled: ScoredRollout, sums: dict, lr: float, started: float,
+                 config: GRPOConfig, with_kl: bool) -> dict:
     """The rollout's metrics plus the update's: loss, clipping, entropy, KL, gradient norm, skipped updates.
 
-    Per-token means are over the tokens that were trained on; with none (every group's rewards equal at
-    beta = 0), entropy, clip fraction and KL are missing (null), not 0.
+    Rewards, lengths and the zero-spread share are over every answer sampled (with dynamic sampling,
+    all rounds', so they describe the policy, not the filtered batch). Per-token means are over the
+    tokens that were trained on; with none (every group's rewards equal at beta = 0), entropy, clip
+    fractions and KL are missing (null), not 0. The ratio/* statistics are this rank's.
     """
-    metrics = rollout_metrics(scored, time.perf_counter() - started)
+    metrics = rollout_metrics(sampled, time.perf_counter() - started)
+    metrics.update(ratio_metrics(sums))
+    if config.dynamic_sampling:
+        metrics.update(dynamic_sampling_metrics(scored, sampled, config))
+    sums = summed_over_ranks(sums)
     trained = sums["tokens"]
     applied = max(sums["updates"] - sums["skipped"], 1)
     per_token = (lambda key: sums[key] / trained if trained else float("nan"))
     metrics.update({
-        "frac_reward_zero_std": zero_std_group_fraction(scored.scores.total, config.group_size),
+        "frac_reward_zero_std": zero_std_group_fraction(world().gather(sampled.scores.total), config.group_size),
         "loss": sums["loss"] / applied,
         "clip_fraction": per_token("clip"),
+        "clip_fraction_low": per_token("clip_low"),
+        "clip_fraction_high": per_token("clip_high"),
         "entropy": per_token("entropy"),
         "lr": lr,
         "grad_norm": sums["grad_norm"] / applied,

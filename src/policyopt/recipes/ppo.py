@@ -43,7 +43,6 @@ from ..algorithms import (
     explained_variance,
     gae_advantages,
     kl_shaped_rewards,
-    masked_mean,
     whiten,
 )
 from ..models.forward import forward_in_chunks, forward_rows, split_rows
@@ -52,8 +51,10 @@ from ..models.lora import plain_weights
 from ..models.reward_model import load_scalar_model, scalar_model_from_causal_lm
 from ..models.setup import describe
 from ..models.value_head import PolicyAndValue
+from ..runtime.distributed import world
 from ..runtime.run import Run
-from .rl import Actors, LossAggregation, RLConfig, ScoredRollout, evaluator, load_actors, rollout_and_score, rollout_metrics
+from .rl import (Actors, LossAggregation, RLConfig, ScoredRollout, accumulate_gradients, evaluator, load_actors,
+                 off_policy_correction, rollout_and_score, rollout_metrics, summed_over_ranks)
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,7 @@ class Advantages:
     non_score: torch.Tensor  # -beta * k1
     advantages: torch.Tensor  # GAE, whitened
     returns: torch.Tensor  # the value targets
+    is_weights: torch.Tensor | None = None  # truncated pi_old / pi_engine when an engine sampled (rollout.engine=vllm)
 
 
 def run_ppo(config: PPOConfig) -> dict:
@@ -136,11 +138,12 @@ def run_ppo(config: PPOConfig) -> dict:
         adv = gae_from_kl_shaped_rewards(actor_critic, actors, scored, config, beta)  # 3. r_t, V_old, GAE
         sums = update_actor_critic(run, step, actor_critic, (optimizer, scheduler), scored, adv, config,
                                    shuffle_generator, actors.autocast)  # 4. update_epochs passes
-        kl_per_answer = float(adv.kl.sum(dim=1)[adv.scored].mean()) if adv.scored.any() else 0.0
+        batch = whole_batch(adv)  # with several ranks, the answers of all of them
+        kl_per_answer = float(batch["kl"].mean()) if batch["kl"].numel() else 0.0
         if config.adaptive_kl:  # beta towards the target KL (sum over an answer's tokens, mean over answers)
             run.values["beta"] = adaptive_kl_coef(beta, kl_per_answer, config.kl_target, config.kl_horizon,
                                                   config.rollout_size)
-        metrics = step_metrics(scored, adv, sums, scheduler.get_last_lr()[0], beta, kl_per_answer, started)  # 5.
+        metrics = step_metrics(scored, batch, sums, scheduler.get_last_lr()[0], beta, kl_per_answer, started)  # 5.
         run.log(step, metrics, evaluate, score=f"{metrics['score']:.3f}", kl=f"{kl_per_answer:.3f}")
 
     return run.finish(evaluate, {"value_model": actor_critic.layout, "final_kl_coef": run.values["beta"]},
@@ -182,14 +185,16 @@ def gae_from_kl_shaped_rewards(actor_critic, actors: Actors, scored: ScoredRollo
     chunks = split_rows(torch.arange(n, device=actors.device), config.num_minibatches, tokens.row_tokens(),
                         config.max_tokens_per_forward)
     options = dict(temperature=config.sampling.temperature, autocast=actors.autocast)
-    old_logp, old_values = forward_in_chunks(actor_critic, tokens, chunks, **options)
+    with world().unsharded(actors.policy):
+        old_logp, old_values = forward_in_chunks(actor_critic, tokens, chunks, **options)
     ref_logp = forward_in_chunks(actors.reference, tokens, chunks, **options)[0] if actors.reference else None
     rewards, kl, non_score = kl_shaped_rewards(score, old_logp, ref_logp, mask, beta)
     if config.whiten_rewards:
         rewards = whiten(rewards, mask, shift_mean=False)
     advantages, returns = gae_advantages(rewards, old_values, mask, config.gamma, config.lam)
-    return Advantages(score, scored_rows, mask, old_logp, old_values, kl, non_score, whiten(advantages, mask),
-                      returns)
+    advantages = whiten(advantages, mask, total=world().sum)  # statistics over every rank's tokens
+    return Advantages(score, scored_rows, mask, old_logp, old_values, kl, non_score, advantages,
+                      returns, off_policy_correction(scored, old_logp, config))
 
 
 def update_actor_critic(run: Run, step: int, actor_critic, optimization, scored: ScoredRollout, adv: Advantages,
@@ -200,20 +205,36 @@ def update_actor_critic(run: Run, step: int, actor_critic, optimization, scored:
     n = tokens.completion_ids.size(0)
     row_tokens = tokens.row_tokens()
     sums: dict = defaultdict(float)
+    ranks = world()
+    place = ranks.places(n, config.num_minibatches)  # each local answer's index in the whole step's batch
     actor_critic.train()
     for _ in range(config.update_epochs):
-        order = torch.randperm(n, generator=shuffle_generator).to(adv.mask.device)
+        # one permutation of the whole batch (the same on every rank); each rank trains its answers in it
+        order = torch.randperm(n * ranks.size, generator=shuffle_generator)
         for minibatch in order.split(config.minibatch_size):
-            minibatch_tokens = float(adv.mask[minibatch].sum())
+            minibatch = ranks.local_rows(minibatch, place).to(adv.mask.device)
+            minibatch_tokens = ranks.sum(float(adv.mask[minibatch].sum()))
             if minibatch_tokens == 0:
                 continue
-            loss_value = 0.0
-            for rows in split_rows(minibatch, config.grad_accum_steps, row_tokens, config.max_tokens_per_forward):
-                loss = micro_batch_loss(actor_critic, tokens, rows, adv, minibatch_tokens, config, sums, autocast)
-                loss.backward()
-                loss_value += float(loss.detach())
+            micro_batches = split_rows(minibatch, config.grad_accum_steps, row_tokens, config.max_tokens_per_forward)
+            loss_value = accumulate_gradients(micro_batches, torch.arange(1, device=adv.mask.device),
+                                              lambda rows, into: micro_batch_loss(actor_critic, tokens, rows, adv,
+                                                                                  minibatch_tokens, config, into,
+                                                                                  autocast), sums)
             run.optimizer_step(actor_critic, optimizer, scheduler, loss_value, step, sums)
     return sums
+
+
+def whole_batch(adv: Advantages) -> dict:
+    """The numbers the step's metrics are taken over, gathered from every rank: per scored answer its
+    score, KL-penalty reward and KL; per valid token the critic's V_old and the return."""
+    valid = adv.mask.bool()
+    mine = {"score": adv.score[adv.scored], "non_score": adv.non_score.sum(dim=1)[adv.scored],
+            "kl": adv.kl.sum(dim=1)[adv.scored], "values": adv.old_values[valid], "returns": adv.returns[valid]}
+    if world().size == 1:
+        return mine
+    parts = world().gather_objects({k: v.cpu() for k, v in mine.items()})
+    return {k: torch.cat([p[k] for p in parts]) for k in mine}
 
 
 def micro_batch_loss(actor_critic, tokens, rows, adv: Advantages, minibatch_tokens: float, config: PPOConfig,
@@ -226,6 +247,8 @@ def micro_batch_loss(actor_critic, tokens, rows, adv: Advantages, minibatch_toke
     old = adv.old_logp[rows, :width]
     policy_loss, clipped = POLICY_LOSSES.get_fn(config.policy_loss)(
         logp, old, adv.advantages[rows, :width], mask, config.clip_ratio_low, config.clip_ratio_high)
+    if adv.is_weights is not None:  # the answers came from the engine's pi, not pi_old (rl.off_policy_correction)
+        policy_loss = policy_loss * adv.is_weights[rows, :width]
     value_loss, value_clipped = clipped_value_loss(values, adv.old_values[rows, :width], adv.returns[rows, :width],
                                                    config.clip_value)
     valid = mask.bool()
@@ -241,15 +264,17 @@ def micro_batch_loss(actor_critic, tokens, rows, adv: Advantages, minibatch_toke
                           constant=config.sampling.max_new_tokens)
 
 
-def step_metrics(scored: ScoredRollout, adv: Advantages, sums: dict, lr: float, beta: float, kl_per_answer: float,
+def step_metrics(scored: ScoredRollout, batch: dict, sums: dict, lr: float, beta: float, kl_per_answer: float,
                  started: float) -> dict:
     """The rollout's metrics plus PPO's: score and KL parts of the reward, losses, clipping, the critic's fit."""
     metrics = rollout_metrics(scored, time.perf_counter() - started)
+    sums = summed_over_ranks(sums)
     tokens = sums["tokens"]
     applied = max(sums["updates"] - sums["skipped"], 1)
     per_token = (lambda key: sums[key] / tokens if tokens else float("nan"))
-    non_score = float(adv.non_score.sum(dim=1)[adv.scored].mean()) if adv.scored.any() else 0.0
-    score = float(adv.score[adv.scored].mean()) if adv.scored.any() else math.nan
+    answered = batch["score"].numel() > 0
+    non_score = float(batch["non_score"].mean()) if answered else 0.0
+    score = float(batch["score"].mean()) if answered else math.nan
     metrics.update({
         "score": score,
         "non_score_reward": non_score,
@@ -263,9 +288,9 @@ def step_metrics(scored: ScoredRollout, adv: Advantages, sums: dict, lr: float, 
         "value_clip_fraction": per_token("value_clip"),
         "approx_kl": per_token("approx_kl"),
         "entropy": per_token("entropy"),
-        "explained_variance": explained_variance(adv.old_values, adv.returns, adv.mask),
-        "value/mean": float(masked_mean(adv.old_values, adv.mask)),
-        "return/mean": float(masked_mean(adv.returns, adv.mask)),
+        "explained_variance": explained_variance(batch["values"], batch["returns"], torch.ones_like(batch["values"])),
+        "value/mean": float(batch["values"].mean()) if batch["values"].numel() else math.nan,
+        "return/mean": float(batch["returns"].mean()) if batch["returns"].numel() else math.nan,
         "lr": lr,
         "grad_norm": sums["grad_norm"] / applied,
         "skipped_updates": int(sums["skipped"]),

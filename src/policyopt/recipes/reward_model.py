@@ -51,6 +51,7 @@ from ..models.reward_model import (
 )
 from ..models.setup import ModelConfig, describe, load_or_build
 from ..rollout.preferences import builtin_preferences
+from ..runtime.distributed import launched_world_size
 from ..runtime.optim import OptimConfig
 from ..runtime.run import Run, RunSettings
 
@@ -95,6 +96,9 @@ class RewardModelConfig(RunSettings):
         self.data.validate()
         if not self.epochs > 0 or self.batch_size < 1 or self.max_length < 2:
             raise ValueError("epochs must be > 0, batch_size >= 1 and max_length >= 2")
+        if self.batch_size % launched_world_size():
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of the number of processes "
+                             f"({launched_world_size()}): each rank scores an equal share of every batch's prompts")
         if self.center_rewards_coefficient < 0:
             raise ValueError("center_rewards_coefficient must be >= 0")
         if self.model.lora.quantize != "none":
@@ -166,8 +170,9 @@ def preference_groups(config: RewardModelConfig, run: Run, device) -> tuple[list
     rl_heldout = {r["prompt"] for r in make_rows(data.heldout_rl_size, data.task, seed=config.seed + EVAL_SEED_OFFSET)}
     train_groups, eval_groups = builtin_preferences(data.builtin, data.task, config.seed, sampler_tokenizer, sampler,
                                                     exclude=rl_heldout, device=device)
-    write_groups(train_groups, run.out / "preferences_train.jsonl")
-    write_groups(eval_groups, run.out / "preferences_eval.jsonl")
+    if run.world.is_main:
+        write_groups(train_groups, run.out / "preferences_train.jsonl")
+        write_groups(eval_groups, run.out / "preferences_eval.jsonl")
     return train_groups, eval_groups
 
 
@@ -176,7 +181,7 @@ def scalar_model(config: RewardModelConfig, run: Run, train_groups, device):
     model_config = run.model_source(config.model)
     if config.model.name_or_path is None:
         texts = [prompt_text(g.prompt) + a for g in train_groups for a in g.answers]
-        causal, tokenizer, _ = load_or_build(model_config, texts, config.seed, save_dir=run.initial_dir,
+        causal, tokenizer, _ = load_or_build(model_config, texts, config.seed, save_dir=run.build_dir,
                                              with_lora=False)  # the adapter goes on the scalar model below
         model = scalar_model_from_causal_lm(causal, config.head_init)
     else:
@@ -212,17 +217,23 @@ def run_reward_model(config: RewardModelConfig) -> dict:
     model.train()
     for step in run.steps():  # 3. each step scores every answer of its prompts once
         started = time.perf_counter()
-        batch = [train_groups[i] for i in order.take(config.batch_size)]
+        batch = run.world.share([train_groups[i] for i in order.take(config.batch_size)])  # this rank's prompts
         scores = _score_answers(model, tokenizer, batch, max_length, device)
         chosen, rejected, group_id, margin = _pair_tensors(batch, scores)
         loss = grouped_pairwise_loss(chosen, rejected, group_id, margin, config.center_rewards_coefficient)
+        loss = loss * (len(batch) / config.batch_size)  # a mean over the whole batch's prompts, summed over ranks
         loss.backward()
         grad_norm, applied = run.optimizer_step(model, optimizer, scheduler, float(loss.detach()), step)
         seconds = time.perf_counter() - started
-        all_scores = torch.cat(scores).detach()
-        metrics = {"loss": float(loss.detach()), "accuracy": float((chosen > rejected).float().mean()),
-                   "margin": float((chosen - rejected).detach().mean()), "reward/mean": float(all_scores.mean()),
-                   "reward/std": float(all_scores.std()) if all_scores.numel() > 1 else 0.0, "pairs": len(chosen),
+        all_scores = torch.cat(scores).detach().double()
+        total = run.world.sum_dict({"loss": float(loss.detach()), "pairs": len(chosen), "answers": all_scores.numel(),
+                                    "right": float((chosen > rejected).sum()), "margin": float((chosen - rejected).sum()),
+                                    "score": float(all_scores.sum()), "score_sq": float((all_scores ** 2).sum())})
+        mean = total["score"] / total["answers"]
+        variance = (total["score_sq"] - total["answers"] * mean ** 2) / max(total["answers"] - 1, 1)
+        metrics = {"loss": total["loss"], "accuracy": total["right"] / total["pairs"],
+                   "margin": total["margin"] / total["pairs"], "reward/mean": mean,
+                   "reward/std": max(variance, 0.0) ** 0.5 if total["answers"] > 1 else 0.0, "pairs": int(total["pairs"]),
                    "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "skipped_updates": int(not applied),
                    "seconds_per_step": seconds, "tokens_per_second": sum(len(g.answers) for g in batch) / seconds}
         run.log(step, metrics, evaluate, loss=f"{metrics['loss']:.3f}", acc=f"{metrics['accuracy']:.3f}")

@@ -24,6 +24,7 @@ from ..rewards.builtin import extract_answer
 from ..models.setup import ModelConfig, describe, forward_autocast, load_or_build
 from ..rewards.combine import RewardSpec
 from ..rewards.harness import RewardHarness
+from ..runtime.distributed import launched_world_size
 from ..runtime.optim import OptimConfig
 from ..runtime.run import Run, RunSettings
 
@@ -57,6 +58,9 @@ class SFTConfig(RunSettings):
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.batch_size % launched_world_size():
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of the number of processes "
+                             f"({launched_world_size()}): each rank takes an equal share of every batch")
         if self.max_seconds < 0:
             raise ValueError("max_seconds must be >= 0")
         if self.reward_timeout < 0 or self.reward_workers < 0:
@@ -152,7 +156,7 @@ def run_sft(config: SFTConfig) -> dict:
     reward_functions = RewardHarness.from_specs(specs, timeout=config.reward_timeout, workers=config.reward_workers)
     texts = [prompt_text(r["prompt"]) + _completion(r, config.data.completion_column) for r in train_rows]
     model_config = run.model_source(config.model)  # 2. a given model, or a tiny one built on the text
-    model, tokenizer, device = load_or_build(model_config, texts, config.seed, save_dir=run.initial_dir)
+    model, tokenizer, device = load_or_build(model_config, texts, config.seed, save_dir=run.build_dir)
     autocast = forward_autocast(model_config, model, device)
     log.info("SFT on %d demonstrations with %s", len(train_rows), describe(model))
     if config.data.path is None:  # a file's held-out rows are described where they are read
@@ -168,13 +172,16 @@ def run_sft(config: SFTConfig) -> dict:
     resumed_at = time.perf_counter()
     for step in run.steps():
         train_seconds = run.values.get("train_seconds", 0.0) + time.perf_counter() - resumed_at
-        if config.max_seconds and train_seconds >= config.max_seconds:
+        if config.max_seconds and run.world.max(int(train_seconds >= config.max_seconds)):  # all ranks stop
             break
         started = time.perf_counter()
-        loss, num_tokens = nll(model, tokenizer, [train_rows[i] for i in order.take(config.batch_size)], config,
-                               device, autocast)
+        batch = run.world.share([train_rows[i] for i in order.take(config.batch_size)])  # this rank's rows
+        loss, num_tokens = nll(model, tokenizer, batch, config, device, autocast)
+        all_tokens = run.world.sum(float(num_tokens))
+        loss = loss * (float(num_tokens) / all_tokens)  # over the whole batch's tokens, summed over ranks
         loss.backward()
         grad_norm, applied = run.optimizer_step(model, optimizer, scheduler, float(loss.detach()), step)
+        loss, num_tokens = run.world.sum(loss.detach()), all_tokens
         seconds = time.perf_counter() - started
         run.values["train_seconds"] = train_seconds + seconds
         resumed_at, last_step = time.perf_counter(), step

@@ -21,14 +21,15 @@ STATE_FILE = "trainer_state.pt"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
-def save_pretrained_atomic(model, tokenizer, directory: str | Path) -> Path:
-    """Save model and tokenizer with ``save_pretrained``; a crash mid-write never leaves a half directory."""
+def save_pretrained_atomic(model, tokenizer, directory: str | Path, state_dict: dict | None = None) -> Path:
+    """Save model and tokenizer with ``save_pretrained``; a crash mid-write never leaves a half directory.
+    ``state_dict``: the weights to write instead of the model's own (a sharded model's gathered ones)."""
     directory = Path(directory)
     tmp = directory.with_name(directory.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
     _replace(tmp, directory)
     return directory
@@ -70,7 +71,8 @@ def restore_rng_state(state: dict, generators: dict[str, torch.Generator] | None
 
 
 def save_training_checkpoint(checkpoint_root: str | Path, step: int, model, tokenizer, state: dict,
-                             metrics_path: str | Path | None = None, keep_last: int = 2) -> Path:
+                             metrics_path: str | Path | None = None, keep_last: int = 2,
+                             model_state: dict | None = None) -> Path:
     """Write ``checkpoint_root/step-{step}`` atomically, then delete all but the newest ``keep_last``."""
     root = Path(checkpoint_root)
     root.mkdir(parents=True, exist_ok=True)
@@ -79,7 +81,7 @@ def save_training_checkpoint(checkpoint_root: str | Path, step: int, model, toke
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, state_dict=model_state)
     tokenizer.save_pretrained(tmp)
     torch.save({**state, "step": step}, tmp / STATE_FILE)
     if metrics_path is not None and Path(metrics_path).exists():

@@ -40,9 +40,10 @@ from .checkpoint import (
     save_pretrained_atomic,
     save_training_checkpoint,
 )
-from .advice import advise
 from ..models.lora import is_adapter_model, load_adapter_weights, save_merged
+from .advice import advise
 from .config import ConfigError, save_config
+from .distributed import DistributedConfig, init_world
 from .metrics import MetricsLogger
 from .optim import OptimConfig, UpdateGuard, apply_update
 from .plots import plot_run
@@ -67,9 +68,11 @@ class RunSettings:
     tensorboard: bool = True  # also write metrics as TensorBoard events under tensorboard/
     max_bad_updates_in_a_row: int = 5  # non-finite loss/gradient updates are skipped; this many in a row stop the run
     optim: OptimConfig = field(default_factory=OptimConfig)  # AdamW and its learning-rate schedule
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)  # several processes (torchrun)
 
     def validate(self) -> None:
         self.optim.validate()
+        self.distributed.validate()
         if self.eval_every < 0 or self.save_every < 0 or self.keep_last < 1:
             raise ValueError("eval_every and save_every must be >= 0, keep_last >= 1")
         if self.max_bad_updates_in_a_row < 1:
@@ -85,12 +88,14 @@ class Run:
 
     def __init__(self, config: RunSettings, name: str, total_steps: int):
         self.config, self.name, self.total_steps = config, name, total_steps
+        self.world = init_world(config.distributed)  # only rank 0 writes files; every rank reads them
         self.out = Path(config.output_dir)
         self.checkpoint_root = self.out / "checkpoints"
         self.resume_from = resolve_resume(config.resume, self.checkpoint_root)
         # only checks: nothing is written until start() (from begin), after the recipe has loaded its data,
         # model and rewards, so a mistake in any of them leaves the directory as it was
         check_output_dir(self.out, resuming=config.resume is not None)
+        self.world.barrier()  # every rank has checked the directory before rank 0 writes into it
         self._started = False
         set_seed(config.seed)
         self.started = time.perf_counter()
@@ -104,7 +109,7 @@ class Run:
         self._model = self._tokenizer = None
         self._stateful: dict[str, Any] = {}
         self._progress = None
-        for key, value in config.derived().items():
+        for key, value in config.derived().items() if self.world.is_main else ():
             log.info("%s: %s = %s", name, key, value)
 
     # ------------------------------------------------------------------ setup
@@ -116,6 +121,11 @@ class Run:
     @property
     def initial_dir(self) -> Path:
         return self.out / INITIAL_DIR
+
+    @property
+    def build_dir(self) -> Path | None:
+        """Where a model built at the start is saved: ``initial/``, by rank 0 only (None on the others)."""
+        return self.initial_dir if self.world.is_main else None
 
     def model_source(self, model_config):
         """``model_config``, pointed at the model this run built at its start when resuming a built one."""
@@ -136,11 +146,12 @@ class Run:
         everything it needs has loaded. ``begin`` calls it."""
         if self._started:
             return
-        try:
-            self.out.mkdir(parents=True, exist_ok=True)
-            save_config(self.config, self.out / "config.yaml")
-        except OSError as e:
-            raise ConfigError(f"output_dir {self.out}: cannot write there ({e.strerror or e})") from None
+        if self.world.is_main:
+            try:
+                self.out.mkdir(parents=True, exist_ok=True)
+                save_config(self.config, self.out / "config.yaml")
+            except OSError as e:
+                raise ConfigError(f"output_dir {self.out}: cannot write there ({e.strerror or e})") from None
         self._started = True
 
     def begin(self, evaluate: Callable[[], dict]) -> int:
@@ -148,28 +159,38 @@ class Run:
         self.start()
         metrics_path = self.out / "metrics.jsonl"
         if not self.resuming:
-            metrics_path.unlink(missing_ok=True)
-            self.logger = MetricsLogger(self.out, tensorboard=self.config.tensorboard)
+            if self.world.is_main:
+                metrics_path.unlink(missing_ok=True)
+            self.logger = self._metrics_logger()
             self.before = evaluate()
             self._record_eval(0, self.before)
             self.logger.log(0, self.before)
             return self.first_step
         state = load_training_state(self.resume_from)
         if self._model is not None:
-            _load_weights(self._model, self.resume_from)
+            _load_weights(self._model, self.resume_from, self.world)
         generators = {k: v for k, v in self._stateful.items() if isinstance(v, torch.Generator)}
         for key, obj in self._stateful.items():
-            if key not in generators:
+            if key == "optimizer" and self._model is not None:
+                self.world.load_optimizer_state(self._model, obj, state["stateful"][key])  # whole or sharded
+            elif key not in generators:
                 obj.load_state_dict(state["stateful"][key])
-        restore_rng_state(state["rng"], generators)
+        restore_rng_state(state["rng_by_rank"][self.world.rank] if "rng_by_rank" in state else state["rng"],
+                          generators)
         self.guard.load_state_dict(state["guard"])
         self.values, self.before, self.history = state["values"], state["before"], state["history"]
         self.elapsed_earlier = state["elapsed"]
         self.first_step = state["step"] + 1
-        shutil.copyfile(self.resume_from / "metrics.jsonl", metrics_path)  # drops records after the checkpoint
-        self.logger = MetricsLogger(self.out, tensorboard=self.config.tensorboard, purge_step=self.first_step)
+        if self.world.is_main:
+            shutil.copyfile(self.resume_from / "metrics.jsonl", metrics_path)  # drops records after the checkpoint
+        self.logger = self._metrics_logger(purge_step=self.first_step)
         log.info("resumed from %s at step %d", self.resume_from, self.first_step)
         return self.first_step
+
+    def _metrics_logger(self, purge_step: int | None = None):
+        if not self.world.is_main:
+            return _NoLogger(self.out / "metrics.jsonl")
+        return MetricsLogger(self.out, tensorboard=self.config.tensorboard, purge_step=purge_step)
 
     # ------------------------------------------------------------------ the loop
 
@@ -178,18 +199,20 @@ class Run:
         (``save_every``) or a stop signal arrived; on a signal the run then ends with ``TrainingInterrupted``."""
         stop = StopRequests()
         self._progress = tqdm(total=self.total_steps, initial=self.first_step - 1, desc=self.name,
-                              dynamic_ncols=True, disable=None)
+                              dynamic_ncols=True, disable=None if self.world.is_main else True)
         try:
             with stop:
                 for step in range(self.first_step, self.total_steps + 1):
                     yield step
                     self._progress.update(1)
                     save_every = self.config.save_every
-                    if (save_every and step % save_every == 0) or stop.requested:
+                    # every rank stops after the same step, whichever of them the signal reached first
+                    stopping = self.world.max(stop.requested or 0)
+                    if (save_every and step % save_every == 0) or stopping:
                         saved = self.save_checkpoint(step)
-                        if stop.requested:
+                        if stopping:
                             self.logger.close()
-                            raise TrainingInterrupted(stop.requested, saved)
+                            raise TrainingInterrupted(stopping, saved)
         finally:
             self._progress.close()
 
@@ -217,6 +240,8 @@ class Run:
         keep their last good values; too many in a row stop the run with its checkpoints intact).
         Adds to ``sums``: updates, skipped, and loss and grad_norm of the applied ones. Returns
         (grad_norm, applied)."""
+        self.world.sum_gradients(model)  # the ranks' shares of the global loss, summed
+        loss_value = self.world.sum(loss_value)  # so every rank skips (or applies) the same updates
         grad_norm, applied = apply_update(model, optimizer, scheduler, loss_value, self.config.optim.max_grad_norm)
         self.guard.record(applied, f"{self.name} step {step}")
         if sums is not None:
@@ -229,18 +254,30 @@ class Run:
         return grad_norm, applied
 
     def save_checkpoint(self, step: int) -> Path:
+        """Write ``checkpoints/step-N`` (rank 0), with every rank's random-number states."""
         generators = {k: v for k, v in self._stateful.items() if isinstance(v, torch.Generator)}
+        rngs = self.world.gather_objects(rng_state(generators))
+        model_state = self.world.full_model_state(self._model)  # sharded: gathered whole (every rank takes part)
+        stateful = {k: self.world.optimizer_state(self._model, v) if k == "optimizer" and self._model is not None
+                    else v.state_dict() for k, v in self._stateful.items() if k not in generators}
+        final = self.checkpoint_root / f"step-{step:06d}"
+        if not self.world.is_main:
+            self.world.barrier()  # rank 0 is writing it
+            return final
         state = {
-            "stateful": {k: v.state_dict() for k, v in self._stateful.items() if k not in generators},
-            "rng": rng_state(generators),
+            "stateful": stateful,
+            "rng": rngs[0],
+            **({"rng_by_rank": rngs} if self.world.size > 1 else {}),
             "guard": self.guard.state_dict(),
             "values": self.values,
             "before": self.before,
             "history": self.history,
             "elapsed": self.seconds(),
         }
-        return save_training_checkpoint(self.checkpoint_root, step, self._model, self._tokenizer, state,
-                                        self.logger.path, keep_last=self.config.keep_last)
+        saved = save_training_checkpoint(self.checkpoint_root, step, self._model, self._tokenizer, state,
+                                         self.logger.path, keep_last=self.config.keep_last, model_state=model_state)
+        self.world.barrier()
+        return saved
 
     # ------------------------------------------------------------------ the end
 
@@ -262,14 +299,15 @@ class Run:
         self.logger.close()
         final = self.out / "final"
         merged = self.out / "final_merged" if self._saves_merged() else None  # LoRA: the plain merged model too
-        if save_model and self._model is not None:
-            save_pretrained_atomic(self._model, self._tokenizer, final)  # LoRA: the adapter
+        model_state = self.world.full_model_state(self._model) if save_model and self._model is not None else None
+        if save_model and self._model is not None and self.world.is_main:
+            save_pretrained_atomic(self._model, self._tokenizer, final, state_dict=model_state)  # LoRA: the adapter
             if merged is not None:
                 save_merged(self._model, self._tokenizer, merged)
             for directory in (final, merged) if save_also is not None else ():
                 if directory is not None:
                     save_also(directory)
-        if plot is not None:
+        if plot is not None and self.world.is_main:
             plot_run(self.out / "metrics.jsonl", self.out / "curves.png", **plot)
         summary = {"recipe": self.name, "steps": last_step,
                    **headline_summary(self.before, after),
@@ -286,7 +324,8 @@ class Run:
         return is_adapter_model(self._model) and bool(getattr(lora, "save_merged", True))
 
     def write_summary(self, summary: dict) -> dict:
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        if self.world.is_main:
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
 
     def _record_eval(self, step: int, evaluation: dict) -> None:
@@ -346,7 +385,7 @@ def headline_summary(before: dict, after: dict) -> dict:
             "reward_before": before.get("eval/reward"), "reward_after": after.get("eval/reward")}
 
 
-def _load_weights(model: torch.nn.Module, directory: Path) -> None:
+def _load_weights(model: torch.nn.Module, directory: Path, world=None) -> None:
     """Copy the weights saved with ``save_pretrained`` in ``directory`` into ``model``, bit for bit.
 
     A LoRA model's checkpoint holds only its adapter (peft's format): the base was reloaded from where
@@ -355,5 +394,24 @@ def _load_weights(model: torch.nn.Module, directory: Path) -> None:
         load_adapter_weights(model, directory)
         return
     dtype = next(model.parameters()).dtype
-    saved = type(model).from_pretrained(str(directory), dtype=dtype)
-    model.load_state_dict(saved.state_dict())
+    cls = type(model)
+    if world is not None and world.sharded:  # FSDP2 made the class FSDP<cls>(FSDPModule, cls)
+        cls = next(base for base in cls.__mro__[1:] if hasattr(base, "from_pretrained"))
+    saved = cls.from_pretrained(str(directory), dtype=dtype)
+    if world is not None and world.sharded:
+        world.load_full_model_state(model, saved.state_dict())
+    else:
+        model.load_state_dict(saved.state_dict())
+
+
+class _NoLogger:
+    """What ranks other than 0 log to: nothing (rank 0 writes the metrics of the whole batch)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def log(self, step: int, metrics: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
