@@ -67,6 +67,19 @@ GYM_TASKS = {
     "count_bits": ("count the 1 bits of a number below 10000", "count_bits", {"min_n": 1, "max_n": 9999}, 300),
 }
 NUM_DEMOS, NUM_PROMPTS, NUM_EVAL = 1000, 2000, 200
+# The built-in arithmetic as a user's files (plain-answer completions, an exact-match reward file): the README's
+# "your own data" commands on the demo's task. (what, ArithmeticTask fields, SFT steps, demonstrations)
+FILE_ARITH_TASKS = {
+    "arith_easy_files": ("arith_easy as JSONL files and a file.py:fn reward", {"max_digits": 1, "operators": "+",
+                                                                              "steps": 3}, 300, 300),
+}
+
+ARITH_REWARD_FILE = '''"""A user's reward: 1 when the answer is exactly the reference, else 0."""
+
+
+def correct(prompts, completions, answer, **columns):
+    return [1.0 if c.strip() == a else 0.0 for c, a in zip(completions, answer)]
+'''
 
 REWARD_FILE = '''"""A user's reward: 1 when reasoning-gym's own scorer gives the answer full marks, else 0."""
 import reasoning_gym
@@ -105,6 +118,22 @@ def write_gym_task(directory: Path, name: str, config: dict, seed: int) -> None:
     (directory / "my_rewards.py").write_text(REWARD_FILE)
 
 
+def write_arith_files(directory: Path, task_fields: dict, num_demos: int, seed: int) -> None:
+    """The built-in task's problems as demos.jsonl / prompts.jsonl / eval.jsonl (disjoint) and my_rewards.py."""
+    from policyopt.data.arithmetic import ArithmeticTask, make_rows
+
+    rows = make_rows(NUM_EVAL + num_demos + NUM_PROMPTS, ArithmeticTask(**task_fields), seed)
+    parts = {"eval.jsonl": rows[:NUM_EVAL], "demos.jsonl": rows[NUM_EVAL:NUM_EVAL + num_demos],
+             "prompts.jsonl": rows[NUM_EVAL + num_demos:]}
+    directory.mkdir(parents=True, exist_ok=True)
+    for file, part in parts.items():
+        with open(directory / file, "w") as f:
+            for row in part:
+                line = {"prompt": row["prompt"], "answer": row["answer"]}
+                f.write(json.dumps({**line, "completion": row["answer"]} if file == "demos.jsonl" else line) + "\n")
+    (directory / "my_rewards.py").write_text(ARITH_REWARD_FILE)
+
+
 def policyopt(command: str, args: list[str], log_path: Path) -> float:
     """Run ``policyopt COMMAND ARGS`` in a fresh process; returns its wall time. Fails loudly."""
     started = time.perf_counter()
@@ -131,8 +160,12 @@ def run_task(task: str, variants: list[str], out: Path, seed: int) -> list[dict]
         sft_data, grpo_data = [*data_args, *sft_only], data_args
         metric = "eval/accuracy"
     else:
-        _, name, config, sft_steps = GYM_TASKS[task]
-        write_gym_task(directory, name, config, seed)
+        if task in FILE_ARITH_TASKS:
+            _, fields, sft_steps, num_demos = FILE_ARITH_TASKS[task]
+            write_arith_files(directory, fields, num_demos, seed)
+        else:
+            _, name, config, sft_steps = GYM_TASKS[task]
+            write_gym_task(directory, name, config, seed)
         reward = f"rewards={directory / 'my_rewards.py'}:correct"
         evaluation = f"data.eval_path={directory / 'eval.jsonl'}"
         sft_data = [f"data.path={directory / 'demos.jsonl'}", evaluation, reward]
@@ -185,7 +218,7 @@ def table(results: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", default="runs/defaults")
-    parser.add_argument("--tasks", nargs="*", default=[*BUILTIN_TASKS, *GYM_TASKS])
+    parser.add_argument("--tasks", nargs="*", default=[*BUILTIN_TASKS, *GYM_TASKS, *FILE_ARITH_TASKS])
     parser.add_argument("--variants", nargs="*", default=["old", "t07", "t07_lr1e3", "t10_lr1e3"])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
