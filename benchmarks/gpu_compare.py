@@ -36,6 +36,9 @@ import threading
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when a test loads this file by path
+from trl_timing import step_timer  # noqa: E402
+
 HERE = Path(__file__).resolve()
 QWEN2_05B = dict(vocab_size=151936, hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
                  num_key_value_heads=2, intermediate_size=4864, max_position_embeddings=4096)
@@ -138,7 +141,7 @@ def worker_policyopt(spec: dict) -> dict:
 def worker_trl(spec: dict) -> dict:
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
     memory = PeakMemory(spec["device"])
@@ -160,21 +163,7 @@ def worker_trl(spec: dict) -> dict:
     trainer = GRPOTrainer(model=model, reward_funcs=vowel_fraction_reward, args=args, train_dataset=dataset,
                           processing_class=tokenizer)
 
-    class StepTimer(TrainerCallback):
-        def __init__(self):
-            self.begin, self.seconds, self.logs = None, [], []
-
-        def on_step_begin(self, args, state, control, **kw):
-            self.begin = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            self.seconds.append(time.perf_counter() - self.begin)
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            if logs and "num_tokens" in logs:
-                self.logs.append(dict(logs))
-
-    timer = StepTimer()
+    timer = step_timer("num_tokens")
     trainer.add_callback(timer)
     trainer.train()
     seen = [log["num_tokens"] for log in timer.logs]  # TRL's running count of prompt + answer tokens

@@ -36,6 +36,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when a test loads this file by path
+from trl_timing import step_timer  # noqa: E402
+
 HERE = Path(__file__).resolve()
 PROMPTS_PER_STEP = 4
 MODEL_SHAPES = {
@@ -294,7 +297,7 @@ def worker_trl(spec: dict) -> dict:
     import transformers
     import trl
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
     baseline = _peak_memory_mb()["peak_rss_mb"]
@@ -337,21 +340,7 @@ def worker_trl(spec: dict) -> dict:
 
     trainer._generate = timed_generate
 
-    class StepTimer(TrainerCallback):
-        def __init__(self):
-            self.begin, self.seconds, self.logs = None, [], []
-
-        def on_step_begin(self, args, state, control, **kw):
-            self.begin = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            self.seconds.append(time.perf_counter() - self.begin)
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            if logs and "completions/mean_length" in logs:
-                self.logs.append(dict(logs))
-
-    timer = StepTimer()
+    timer = step_timer("completions/mean_length")
     trainer.add_callback(timer)
     trainer.train()
     calls = [json.loads(line) for line in Path(os.environ["BENCH_REWARD_LOG"]).read_text().splitlines()]

@@ -5,19 +5,18 @@ Every hostile function here would, without the harness, hang the trainer, kill i
 
 import logging
 import math
-import os
 import signal
 import textwrap
 import threading
 import time
 import uuid
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from policyopt.rewards.combine import RewardError, score_completions
 from policyopt.rewards.harness import RewardHarness
+from host_processes import processes_with
 
 PROMPTS = ["p0", "p1", "p2", "p3"]
 MARKER = f"policyopt-harness-{uuid.uuid4().hex}"
@@ -93,18 +92,6 @@ def rewards_file(tmp_path_factory):
 
 def spec(rewards_file, name):
     return (name, f"{rewards_file}:{name}", 1.0)
-
-
-def _processes_with(marker: str) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if marker.encode() in Path(f"/proc/{entry}/cmdline").read_bytes():
-                    found.append(int(entry))
-            except OSError:
-                pass
-    return found
 
 
 # ------------------------------------------------------------------ score 0 is not "could not score"
@@ -248,9 +235,9 @@ def test_a_hung_worker_is_killed_with_what_it_started(rewards_file):
             harness.score(["p0", "p1"], ["a", "b"], {})
         assert time.monotonic() - start < 10
         deadline = time.monotonic() + 5
-        while _processes_with(MARKER) and time.monotonic() < deadline:
+        while processes_with(MARKER) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert _processes_with(MARKER) == [], "a process the reward function started outlived its worker"
+        assert processes_with(MARKER) == [], "a process the reward function started outlived its worker"
     with RewardHarness([spec(rewards_file, "hangs"), spec(rewards_file, "length")], workers=2, timeout=0.5,
                        on_error="skip") as harness:
         scores = harness.score(PROMPTS, ["a", "b", "c", "hang"], {})  # the hung sample last: the rest keep scores

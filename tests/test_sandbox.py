@@ -19,6 +19,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+from host_processes import processes_with
 
 from policyopt.rewards import sandbox
 from policyopt.rewards.builtin import BUILTIN_REWARDS
@@ -108,18 +109,6 @@ def fresh_isolation():
 # --------------------------------------------------------------------------------- the host's side
 
 
-def _processes_with(marker: str) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if marker.encode() in Path(f"/proc/{entry}/cmdline").read_bytes():
-                    found.append(int(entry))
-            except OSError:
-                pass
-    return found
-
-
 def _shm() -> set[str]:
     return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
 
@@ -173,7 +162,7 @@ class Host:
         for server in (self.server, self.unix):
             with pytest.raises(BlockingIOError):
                 server.accept()
-        assert _processes_with(self.marker) == [], "a process outlived its sandbox"
+        assert processes_with(self.marker) == [], "a process outlived its sandbox"
         # other engineers' processes may add their own root-owned entries meanwhile; the sandbox's would not be
         new = [name for name in _shm() - self.shm_before
                if self.marker in name or name.startswith("fill-") or os.stat(f"/dev/shm/{name}").st_uid != 0]
