@@ -154,7 +154,7 @@ def test_config_keys_are_dotted_typed_and_take_defaults_from_the_instance():
     assert keys["optim.lr"].declared_in == "policyopt.runtime.optim.OptimConfig"
     assert keys["steps"].declared_in == "policyopt.recipes.rl.RLConfig"
     demo = {k.key: k for k in config_keys(demo_config())}
-    assert demo["grpo.optim.lr"].default == 1e-3 and demo["sft.steps"].default == 200
+    assert demo["grpo.optim.lr"].default == 1e-3 and demo["sft.steps"].default == 1000  # the plateau rule's cap
     assert demo["resume"].type == "auto or null"
 
 
