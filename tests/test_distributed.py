@@ -188,3 +188,26 @@ def test_the_other_recipes_on_two_ranks_match_one_process(tmp_path, reward_file,
     for key in ("loss", "grad_norm"):
         x, y = one[0][key], two[0][key]
         assert abs(x - y) <= RELATIVE * abs(x) + ABSOLUTE, (command, key, x, y)
+
+
+@pytest.mark.slow
+def test_a_sharded_run_resumes_exactly(tmp_path, reward_file):
+    """FSDP2: checkpoints hold whole tensors gathered from the shards (model and AdamW state), and a
+    2-rank run resumed from its step-2 checkpoint ends with the uninterrupted run's weights, bit for bit."""
+    args = ["steps=4", "save_every=2", "prompts_per_step=8", "group_size=4", "optim.lr=3e-3", "optim.warmup_steps=0",
+            "eval_every=0", "tensorboard=false", "sampling.max_new_tokens=6", "data.eval_size=16",
+            f"rewards={reward_file}", "model.tiny.hidden_size=32", "model.tiny.num_layers=2", "model.tiny.num_heads=2",
+            "model.tiny.intermediate_size=64", "distributed.strategy=fsdp", "distributed.world_size=2"]
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    _run(["-m", "policyopt", "grpo", f"output_dir={whole}", *args], ranks=2)
+    shutil.copytree(whole, resumed)
+    shutil.rmtree(resumed / "final")
+    shutil.rmtree(resumed / "checkpoints" / "step-000004")
+    _run(["-m", "policyopt", "grpo", f"output_dir={resumed}", *args,
+          f"resume={resumed / 'checkpoints' / 'step-000002'}"], ranks=2)
+    from safetensors.torch import load_file
+
+    a, b = load_file(whole / "final" / "model.safetensors"), load_file(resumed / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    timeless = (lambda records: [{k: v for k, v in r.items() if "second" not in k} for r in records])
+    assert timeless(read_metrics(whole / "metrics.jsonl")) == timeless(read_metrics(resumed / "metrics.jsonl"))
