@@ -553,8 +553,8 @@ def _zero_spread_advice(setup: Setup, probe: Probe, config, gold: Gold | None, s
              "warm-start with (more) SFT on demonstrations")
     report.warn("sampling", f"{share:.0%} of groups gave all {G} answers the same reward, mostly all wrong: almost "
                             f"no learning signal. {start}; lower sampling.temperature (now "
-                            f"{config.sampling.temperature:g}; 0.7 keeps a weak policy's samples closer to its best "
-                            "answers); or start on easier prompts. A larger group_size finds more groups that differ")
+                            f"{config.sampling.temperature:g}: a lower one keeps a weak policy's samples closer to its "
+                            "best answers); or start on easier prompts. A larger group_size finds more groups that differ")
 
 
 def _check_gold_is_the_maximum(gold: Gold | None, probe: Probe, report: Report) -> None:

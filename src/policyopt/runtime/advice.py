@@ -50,7 +50,8 @@ def _zero_spread(metrics: dict, memory: dict, config: Any) -> str | None:
         return None
     return (f"{share:.0%} of groups gave all {_setting(config, 'group_size')} answers the same reward (mean reward "
             f"{metrics.get('reward/mean', float('nan')):.3f}), so they carry no learning signal. Mostly wrong: "
-            "warm-start with SFT (policyopt sft), lower sampling.temperature (0.7), or use easier prompts; "
+            f"warm-start with SFT (policyopt sft), lower sampling.temperature (now "
+            f"{_setting(config, 'sampling.temperature')}), or use easier prompts; "
             "mostly right: harder prompts. A larger group_size finds more groups that differ")
 
 
