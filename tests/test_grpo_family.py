@@ -133,7 +133,7 @@ def _fake_rollouts(monkeypatch, batches: list[list[float]], group_size: int = 2)
     the answer's single token is the reward's round and position (so rows can be traced)."""
     calls = iter(batches)
 
-    def fake(actors, config, generator):
+    def fake(actors, config):
         rewards = next(calls)
         n = len(rewards)
         answers = [[100 + len(drawn) * 10 + i] for i in range(n)]
@@ -158,7 +158,7 @@ ACTORS = SimpleNamespace(tokenizer=SimpleNamespace(pad_token_id=PAD))
 def test_dynamic_sampling_fills_the_batch_with_groups_that_carry_signal(monkeypatch):
     # round 1: groups (1,1) (0,1) (0,0) -> one with signal; round 2: (0,1) (1,0) (1,1) -> two more: full
     drawn = _fake_rollouts(monkeypatch, [[1, 1, 0, 1, 0, 0], [0, 1, 1, 0, 1, 1], [0, 1] * 3])
-    trained, sampled = rollout_with_signal(ACTORS, _ds_config(), None)
+    trained, sampled = rollout_with_signal(ACTORS, _ds_config())
     assert len(drawn) == 2  # stops once prompts_per_step groups with signal are in hand
     assert trained.tokens.completion_ids.flatten().tolist() == [102, 103, 110, 111, 112, 113]
     assert not zero_spread_groups(trained.scores.total, 2).any()
@@ -171,15 +171,15 @@ def test_dynamic_sampling_fills_the_batch_with_groups_that_carry_signal(monkeypa
 
 def test_dynamic_sampling_keeps_the_first_groups_and_stops_at_the_cap(monkeypatch):
     _fake_rollouts(monkeypatch, [[0, 1] * 3 + [1, 0]], group_size=2)  # four groups with signal, three wanted
-    trained, _ = rollout_with_signal(ACTORS, _ds_config(prompts_per_step=3), None)
+    trained, _ = rollout_with_signal(ACTORS, _ds_config(prompts_per_step=3))
     assert trained.tokens.completion_ids.flatten().tolist() == [100, 101, 102, 103, 104, 105]
     # the cap: two rounds with one signal group in all -> train on that one group, never on zero spread
     drawn = _fake_rollouts(monkeypatch, [[1, 1, 0, 0, 1, 1], [1, 1, 0, 1, 0, 0], [0, 1] * 3])
-    trained, sampled = rollout_with_signal(ACTORS, _ds_config(max_generation_rounds=2), None)
+    trained, sampled = rollout_with_signal(ACTORS, _ds_config(max_generation_rounds=2))
     assert len(drawn) == 2 and trained.scores.total.tolist() == [0.0, 1.0] and sampled.scores.total.numel() == 12
     # nothing with signal: an empty batch (the step makes no update)
     _fake_rollouts(monkeypatch, [[1, 1] * 3])
-    trained, _ = rollout_with_signal(ACTORS, _ds_config(max_generation_rounds=1), None)
+    trained, _ = rollout_with_signal(ACTORS, _ds_config(max_generation_rounds=1))
     assert trained.tokens.completion_ids.size(0) == 0
 
 
@@ -188,7 +188,7 @@ def test_overlong_penalty_joins_the_reward_before_groups_are_judged(monkeypatch)
     calls = iter([_rollout([[1], [1]], [[5, 5, 5, 5], [5], [5, 5, 5], [5, 5]], [1.0, 1.0, 1.0, 1.0], 2)])
     monkeypatch.setattr(grpo_module, "rollout_and_score", lambda *a: next(calls))
     trained, sampled = rollout_with_signal(ACTORS, _ds_config(prompts_per_step=2, overlong_penalty_cache=2,
-                                                              max_generation_rounds=1), None)
+                                                              max_generation_rounds=1))
     assert sampled.scores.names == ["r", "overlong"]
     assert sampled.scores.per_function[:, 1].tolist() == [-1.0, 0.0, -0.5, 0.0]
     assert sampled.scores.total.tolist() == [0.0, 1.0, 0.5, 1.0]  # equal accuracy, yet both groups now differ

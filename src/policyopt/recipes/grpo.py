@@ -103,9 +103,8 @@ def run_grpo(config: GRPOConfig) -> dict:
     actors = load_actors(run, config)
     preflight(actors, config)  # the doctor's cheapest checks: rewards on a few rows; warns, changes nothing
     optimizer, scheduler = config.optim.build(actors.policy, config.steps * config.optimizer_steps_per_step)
-    generator = torch.Generator(device=actors.device).manual_seed(config.seed)
     run.track(model=actors.policy, tokenizer=actors.tokenizer, optimizer=optimizer, scheduler=scheduler,
-              data=actors.source, sampling=generator)
+              data=actors.source)  # sampling needs no generator: each answer's noise comes from (seed, prompt, j)
     evaluate = evaluator(actors, config)
     run.begin(evaluate)
     log.info("GRPO on %s, G=%d, %d prompts/step, beta=%g", describe(actors.policy), config.group_size,
@@ -113,7 +112,7 @@ def run_grpo(config: GRPOConfig) -> dict:
 
     for step in run.steps():
         started = time.perf_counter()
-        scored, sampled = rollout_with_signal(actors, config, generator)  # 1-2. G answers per prompt, scored
+        scored, sampled = rollout_with_signal(actors, config)  # 1-2. G answers per prompt, scored
         advantages = group_relative_advantages(scored, config, actors.device)  # 3. one A_i per answer
         old_logp, ref_logp = old_and_reference_logprobs(actors, scored, config)
         is_weights = off_policy_correction(scored, old_logp, config, log_into=sampled)  # vllm: pi_old / pi_engine
@@ -127,7 +126,7 @@ def run_grpo(config: GRPOConfig) -> dict:
                       plot={"title": "GRPO"})
 
 
-def rollout_with_signal(actors: Actors, config: GRPOConfig, generator) -> tuple[ScoredRollout, ScoredRollout]:
+def rollout_with_signal(actors: Actors, config: GRPOConfig) -> tuple[ScoredRollout, ScoredRollout]:
     """(the batch to train on, every answer sampled this step): one rollout each, unless dynamic sampling.
 
     DAPO's dynamic sampling: each round samples prompts_per_step prompts; groups whose rewards are all
@@ -139,7 +138,7 @@ def rollout_with_signal(actors: Actors, config: GRPOConfig, generator) -> tuple[
     """
     kept, rounds, found = [], [], 0
     for _ in range(config.max_generation_rounds if config.dynamic_sampling else 1):
-        scored = with_overlong_penalty(rollout_and_score(actors, config, generator), config.sampling.max_new_tokens,
+        scored = with_overlong_penalty(rollout_and_score(actors, config), config.sampling.max_new_tokens,
                                        config.overlong_penalty_cache)
         rounds.append(scored)
         if not config.dynamic_sampling:

@@ -120,11 +120,10 @@ def run_ppo(config: PPOConfig) -> dict:
     value_model = separate_value_model(config, actors) if config.value_model == "separate" else None
     actor_critic = PolicyAndValue(actors.policy, value_model, head_init=config.value_head_init)
     optimizer, scheduler = config.optim.build(actor_critic, config.steps * config.optimizer_steps_per_step)
-    sample_generator = torch.Generator(device=actors.device).manual_seed(config.seed)
     shuffle_generator = torch.Generator().manual_seed(config.seed + 1)
     run.values.setdefault("beta", config.beta)  # moves when adaptive_kl: part of the checkpoint
     run.track(model=actors.policy, tokenizer=actors.tokenizer, optimizer=optimizer, scheduler=scheduler,
-              data=actors.source, value=actor_critic.value_module(), sampling=sample_generator,
+              data=actors.source, value=actor_critic.value_module(),
               shuffle=shuffle_generator)
     evaluate = evaluator(actors, config)
     run.begin(evaluate)
@@ -133,7 +132,7 @@ def run_ppo(config: PPOConfig) -> dict:
 
     for step in run.steps():
         started = time.perf_counter()
-        scored = rollout_and_score(actors, config, sample_generator)  # 1-2. answers from pi_old, scored
+        scored = rollout_and_score(actors, config)  # 1-2. answers from pi_old, scored
         beta = run.values["beta"]
         adv = gae_from_kl_shaped_rewards(actor_critic, actors, scored, config, beta)  # 3. r_t, V_old, GAE
         sums = update_actor_critic(run, step, actor_critic, (optimizer, scheduler), scored, adv, config,

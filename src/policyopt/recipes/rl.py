@@ -257,7 +257,7 @@ class ScoredRollout:
         return self.tokens.completion_mask.sum(1)
 
 
-def rollout_and_score(actors: Actors, config: RLConfig, generator: torch.Generator) -> ScoredRollout:
+def rollout_and_score(actors: Actors, config: RLConfig) -> ScoredRollout:
     """Sample G answers to each of the step's prompts from the current policy, then score every answer.
 
     Every dataset column reaches the reward functions, repeated for each of a prompt's answers.
@@ -276,7 +276,7 @@ def rollout_and_score(actors: Actors, config: RLConfig, generator: torch.Generat
         # the engine takes the policy's weights as they are now (after the last step's updates; at the first
         # step and after a resume, the loaded ones); policyopt's sampler uses them in place
         synced = actors.engine.sync_weights(actors.policy)
-        rollout = actors.engine.generate(prompt_ids, prompt_mask, G, config.sampling, generator,
+        rollout = actors.engine.generate(prompt_ids, prompt_mask, G, config.sampling,
                                          noise=answer_noise(config.seed, list(keys), G, config.sampling.max_new_tokens))
     completions = decode_completions(actors.tokenizer, rollout.completion_ids, rollout.completion_mask)
     generation_seconds = time.perf_counter() - started
