@@ -10,7 +10,8 @@ import time
 import pytest
 
 from policyopt.cli import main
-from policyopt.recipes.pipeline import StepMemoryProbe, pipeline_config, run_pipeline
+from policyopt.recipes.pipeline import (StepMemoryProbe, accuracy_at, accuracy_by_training_time, pipeline_config,
+                                        run_pipeline)
 from policyopt.runtime.config import ConfigError
 from policyopt.runtime.metrics import read_metrics
 
@@ -71,6 +72,22 @@ def test_pipeline_report_numbers_all_come_from_the_run(tmp_path):
         assert saved[f"{name}_vs_grpo"]["seconds_per_step_median_ratio"] == pytest.approx(
             saved[name]["seconds_per_step_median"] / saved["grpo"]["seconds_per_step_median"])
 
+    # equal compute: training time is the steps' own seconds; the budget is the shortest stage's
+    stages = ("ppo", "ppo_separate_critic", "grpo")
+    for stage in stages:
+        s, records = saved[stage], read_metrics(out / stage / "metrics.jsonl")
+        assert s["training_seconds"] == sum(r["seconds_per_step"] for r in records if "seconds_per_step" in r)
+        # evaluations before training and at steps 2 and 3 (the end): the SFT start at t = 0, the final at the end
+        assert [a for _, a in s["accuracy_by_training_time"]] == [v for _, v in s["eval_history"]]
+        assert s["accuracy_by_training_time"][0] == [0.0, s["accuracy_before"]]
+        assert s["accuracy_by_training_time"][-1] == [s["training_seconds"], s["accuracy_after"]]
+    equal = saved["equal_time"]
+    assert equal["budget_seconds"] == min(saved[n]["training_seconds"] for n in stages)
+    fastest = saved[equal["budget_stage"]]
+    assert fastest["accuracy_at_equal_time"] == fastest["accuracy_after"]
+    for stage in stages:
+        assert saved[stage]["accuracy_at_equal_time_measured_at_seconds"] <= equal["budget_seconds"]
+
     # every number printed in the report is a number of summary.json (at the printed precision)
     known = list(_numbers(saved))
     report = (out / "report.md").read_text()
@@ -80,6 +97,24 @@ def test_pipeline_report_numbers_all_come_from_the_run(tmp_path):
         decimals = len(token.split(".")[1]) if "." in token else 0
         value = float(token)
         assert any(abs(k - value) <= 0.5 * 10 ** -decimals + 1e-9 for k in known), token
+
+
+def test_accuracy_by_training_time_counts_training_steps_only():
+    records = [
+        {"step": 0, "eval/accuracy": 0.25},  # before training: the SFT start
+        {"step": 1, "seconds_per_step": 1.5},
+        {"step": 2, "seconds_per_step": 2.0, "eval/accuracy": 0.5},  # evaluated after its training
+        {"step": 3, "seconds_per_step": 0.5, "eval/reward": 0.1},  # no accuracy: not a point
+        {"step": 4, "seconds_per_step": 1.0},
+        {"step": 4, "eval/accuracy": 0.75},  # the final evaluation, a record of its own
+    ]
+    points = accuracy_by_training_time(records)
+    assert points == [(0.0, 0.25), (3.5, 0.5), (5.0, 0.75)]  # halves: exact in binary floating point
+    assert accuracy_at(points, 0.0) == (0.0, 0.25)
+    assert accuracy_at(points, 3.49) == (0.0, 0.25)  # the last evaluation at or before, never interpolated
+    assert accuracy_at(points, 3.5) == (3.5, 0.5)
+    assert accuracy_at(points, 99.0) == (5.0, 0.75)
+    assert accuracy_at(points, -1.0) is None
 
 
 def test_pipeline_keeps_its_defaults_under_overrides():

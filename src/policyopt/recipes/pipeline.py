@@ -384,10 +384,33 @@ def _median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
+def accuracy_by_training_time(records: list[dict]) -> list[tuple[float, float]]:
+    """(training seconds, held-out accuracy) at each evaluation in a recipe's metrics records, in order.
+
+    t_k = sum of ``seconds_per_step`` over the records up to and including the k-th evaluation's: a step's
+    evaluation runs after its training and is not timed in it, so evaluation cost never counts. The
+    evaluation before training (step 0, the SFT start) sits at t = 0.
+    """
+    seconds, points = 0.0, []
+    for record in records:
+        seconds += record.get("seconds_per_step", 0.0)
+        if record.get("eval/accuracy") is not None:
+            points.append((seconds, record["eval/accuracy"]))
+    return points
+
+
+def accuracy_at(points: list[tuple[float, float]], seconds: float) -> tuple[float, float] | None:
+    """(t, accuracy) of the last evaluation at or before ``seconds`` of training -- a step function, not an
+    interpolation: what a run stopped at that time had last measured. None before the first evaluation."""
+    before = [point for point in points if point[0] <= seconds]
+    return tuple(before[-1]) if before else None
+
+
 def _rl_summary(result: dict, out: Path, name: str) -> dict:
     summary = result["summary"]
     records = read_metrics(out / name / "metrics.jsonl")
     train = [r for r in records if "seconds_per_step" in r]
+    by_time = accuracy_by_training_time(records)
     windows = [w for w in result["memory"] if w["train_step"]]
     seconds = [r["seconds_per_step"] for r in train]
     peaks = [w["peak_rss_mb"] for w in windows]
@@ -401,6 +424,10 @@ def _rl_summary(result: dict, out: Path, name: str) -> dict:
         "train_accuracy_first_steps": _mean([r.get("reward/accuracy/mean") for r in train[:WINDOW]]),
         "train_accuracy_last_steps": _mean([r.get("reward/accuracy/mean") for r in train[-WINDOW:]]),
         "eval_history": summary["eval_history"],
+        "accuracy_by_training_time": [list(point) for point in by_time],  # [seconds, accuracy] per evaluation
+        # evaluations excluded; summed in the order accuracy_by_training_time sums, so its final evaluation's
+        # t is this number exactly and the shortest stage is read at its final evaluation
+        "training_seconds": sum(seconds),
         "steps": len(train),
         "seconds_per_step_median": _median(seconds),
         "seconds_per_step_mean": _mean(seconds),
@@ -454,6 +481,8 @@ def _summarise(config: PipelineConfig, out: Path, sft: dict, reward: dict, resul
     for name, result in results.items():
         result["isolated"] = config.isolate_stages
         summary[name] = _rl_summary(result, out, name)
+    if results:
+        summary["equal_time"] = _equal_time(summary, list(results))
     if "grpo" in summary:
         # ratios for time and peaks; a plain difference for the within-step growth, which is often ~0 MB
         grpo = summary["grpo"]
@@ -473,45 +502,77 @@ def _summarise(config: PipelineConfig, out: Path, sft: dict, reward: dict, resul
     return summary
 
 
+EQUAL_TIME_RULE = "the last evaluation at or before the budget (a step function, not interpolated)"
+
+
+def _equal_time(summary: dict, names: list[str]) -> dict:
+    """The equal-compute budget -- the shortest RL stage's training seconds, evaluations excluded -- and each
+    stage's held-out accuracy at it (``accuracy_at``); written into each stage's summary too."""
+    budget_stage = min(names, key=lambda n: summary[n]["training_seconds"])
+    budget = summary[budget_stage]["training_seconds"]
+    for name in names:
+        point = accuracy_at(summary[name]["accuracy_by_training_time"], budget)
+        summary[name]["accuracy_at_equal_time"] = point[1] if point else None
+        summary[name]["accuracy_at_equal_time_measured_at_seconds"] = point[0] if point else None
+    return {"budget_seconds": budget, "budget_stage": budget_stage, "rule": EQUAL_TIME_RULE}
+
+
 def _plot(out: Path, results: dict, summary: dict) -> None:
+    """``curves.png``: held-out accuracy against the step and against training seconds (equal samples, equal
+    compute) on top; the reward model's score, seconds per step and peak memory per step below."""
     import matplotlib.pyplot as plt
 
     from ..runtime import plots  # noqa: F401  (selects the Agg backend)
 
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
-    colors = {"ppo": "tab:orange", "ppo_separate_critic": "tab:red", "grpo": "tab:blue"}
-    labels = STAGE_LABELS
+    fig, axes = plt.subplot_mosaic([["accuracy"] * 3 + ["accuracy_by_time"] * 3,
+                                    ["reward"] * 2 + ["seconds"] * 2 + ["memory"] * 2], figsize=(14, 8))
     for name, result in results.items():
-        records = read_metrics(out / name / "metrics.jsonl")
-        train = [r for r in records if "seconds_per_step" in r]
-        evals = [r for r in records if r.get("eval/accuracy") is not None]
-        steps = [r["step"] for r in train]
-        axes[0, 0].plot(steps, [r["reward/mean"] for r in train], color=colors[name], label=labels[name])
-        axes[0, 1].plot([r["step"] for r in evals], [r["eval/accuracy"] for r in evals], marker="o",
-                        color=colors[name], label=labels[name])
-        axes[1, 0].plot(steps, [r["seconds_per_step"] for r in train], color=colors[name], label=labels[name])
-        windows = [w for w in result["memory"] if w["train_step"]]
-        key = "peak_cuda_allocated_mb" if windows and "peak_cuda_allocated_mb" in windows[0] else "peak_rss_mb"
-        axes[1, 1].plot([w["step"] for w in windows], [w[key] for w in windows], color=colors[name],
-                        label=labels[name])
+        _plot_stage(axes, name, result, read_metrics(out / name / "metrics.jsonl"), summary[name])
     sft_accuracy = summary["sft"]["accuracy_after"]
-    axes[0, 1].axhline(sft_accuracy, linestyle="--", color="gray", label=f"SFT start: {sft_accuracy:.3f}")
-    titles = [("learned reward model score (normalised), sampled answers", "RM score"),
-              ("held-out exact-answer accuracy (greedy)", "accuracy"),
-              ("seconds per step", "seconds"),
-              ("peak memory per training step", "MB (CUDA allocated)" if any(
-                  "peak_cuda_allocated_mb_per_step_median" in summary.get(n, {}) for n in results) else "MB (process RSS)")]
-    for ax, (title, ylabel) in zip(axes.flat, titles):
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("step")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    for key in ("accuracy", "accuracy_by_time"):
+        axes[key].axhline(sft_accuracy, linestyle="--", color="gray", label=f"SFT start: {sft_accuracy:.3f}")
+    if "equal_time" in summary:
+        budget = summary["equal_time"]["budget_seconds"]
+        axes["accuracy_by_time"].axvline(budget, linestyle=":", color="black",
+                                         label=f"equal-time budget: {budget:.1f} s")
+    cuda = any("peak_cuda_allocated_mb_per_step_median" in summary.get(n, {}) for n in results)
+    memory_unit = "MB (CUDA allocated)" if cuda else "MB (process RSS)"
+    titles = {"accuracy": ("held-out exact-answer accuracy (greedy), by step", "step", "accuracy"),
+              "accuracy_by_time": ("the same accuracy against training time: equal compute", "training seconds "
+                                   "(sum of seconds per step; evaluations excluded)", "accuracy"),
+              "reward": ("learned reward model score (normalised), sampled answers", "step", "RM score"),
+              "seconds": ("seconds per step", "step", "seconds"),
+              "memory": ("peak memory per training step", "step", memory_unit)}
+    for key, (title, xlabel, ylabel) in titles.items():
+        axes[key].set_title(title, fontsize=10)
+        axes[key].set_xlabel(xlabel)
+        axes[key].set_ylabel(ylabel)
+        axes[key].grid(alpha=0.3)
+        axes[key].legend(fontsize=8)
     fig.suptitle(f"PPO vs GRPO from one SFT policy, scored by one learned reward model "
                  f"({summary['answers_per_step']} answers per step)")
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=110)
     plt.close(fig)
+
+
+STAGE_COLORS = {"ppo": "tab:orange", "ppo_separate_critic": "tab:red", "grpo": "tab:blue"}
+
+
+def _plot_stage(axes: dict, name: str, result: dict, records: list[dict], stage_summary: dict) -> None:
+    """One RL stage's curves on every panel of ``_plot``."""
+    style = {"color": STAGE_COLORS[name], "label": STAGE_LABELS[name]}
+    train = [r for r in records if "seconds_per_step" in r]
+    evals = [r for r in records if r.get("eval/accuracy") is not None]
+    steps = [r["step"] for r in train]
+    axes["reward"].plot(steps, [r["reward/mean"] for r in train], **style)
+    axes["accuracy"].plot([r["step"] for r in evals], [r["eval/accuracy"] for r in evals], marker="o", **style)
+    by_time = stage_summary["accuracy_by_training_time"]
+    axes["accuracy_by_time"].plot([t for t, _ in by_time], [a for _, a in by_time], marker="o", **style)
+    axes["seconds"].plot(steps, [r["seconds_per_step"] for r in train], **style)
+    windows = [w for w in result["memory"] if w["train_step"]]
+    key = "peak_cuda_allocated_mb" if windows and "peak_cuda_allocated_mb" in windows[0] else "peak_rss_mb"
+    axes["memory"].plot([w["step"] for w in windows], [w[key] for w in windows], **style)
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -551,6 +612,9 @@ def _report(summary: dict) -> str:
             ("held-out accuracy, SFT start", "accuracy_before", 3),
             ("held-out accuracy, after RL", "accuracy_after", 3),
             ("gain (points)", "accuracy_gain_points", 1),
+            ("training seconds (sum of seconds per step; evaluations excluded)", "training_seconds", 1),
+            ("held-out accuracy at the equal-time budget", "accuracy_at_equal_time", 3),
+            ("... measured at training second (that evaluation)", "accuracy_at_equal_time_measured_at_seconds", 1),
             ("RM score of sampled answers, first steps", "rm_score_first_steps", 3),
             ("RM score of sampled answers, last steps", "rm_score_last_steps", 3),
             ("exact-answer accuracy of sampled answers, first steps", "train_accuracy_first_steps", 3),
@@ -568,6 +632,10 @@ def _report(summary: dict) -> str:
                 lines.append(f"| {label} | " + " | ".join(_fmt(summary[n].get(key), digits) for n in rl) + " |")
         lines.append("")
         lines.append(f"(\"first\"/\"last\" steps: the mean over {summary['steps_averaged_for_first_and_last']} steps.)")
+        lines.append("")
+        equal = summary["equal_time"]
+        lines.append(f"Equal compute: the budget is {_fmt(equal['budget_seconds'], 1)} s of training, the shortest "
+                     f"stage's ({STAGE_LABELS[equal['budget_stage']]}); a stage's accuracy at it is {equal['rule']}.")
         lines.append("")
     names = {"seconds_per_step_median_ratio": ("seconds per step", "x", 3),
              "peak_rss_mb_per_step_median_ratio": ("peak RSS per step", "x", 3),
