@@ -167,7 +167,39 @@ def build_parser() -> argparse.ArgumentParser:
                                ", exactly, from its newest complete checkpoint"))
         p.add_argument("overrides", nargs="*", metavar="key=value",
                        help="config overrides in dotted form, e.g. " + " ".join(_overrides_in(command.examples)))
+    add_inspect_parser(sub)
     return parser
+
+
+def add_inspect_parser(sub) -> None:
+    """``policyopt inspect RUN_DIR [--step N] [--output FILE]``: reads a run, trains nothing."""
+    what = ("one recorded GRPO step as a self-contained HTML page: the group's answers, rewards and advantages, "
+            "per-token ratio/KL/entropy maps, next-token distributions under pi_old, pi_theta and pi_ref, the "
+            "clipped surrogate with the step's tokens, and the run's curves")
+    p = sub.add_parser("inspect", help=what, description=textwrap.fill(
+                           what + ". GRPO runs record a group every few steps by default (inspect.groups, "
+                           "inspect.every); the page needs no network or server.", width=100),
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n  policyopt inspect runs/demo/grpo\n"
+                              "  policyopt inspect runs/grpo --step 40 --output step40.html")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a GRPO run's output_dir (holding inspect/steps.jsonl)")
+    p.add_argument("--step", type=int, help="the recorded step to show (default: the last one recorded)")
+    p.add_argument("--output", help="where to write the page (default: RUN_DIR/inspect/step-N.html)")
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    from .inspector.page import InspectError, describe, write_page
+
+    try:
+        path = write_page(args.run_dir, args.step, args.output)
+    except InspectError as exc:
+        print(f"policyopt inspect: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"policyopt inspect: error: {exc.filename or args.output}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    print(describe(path))
+    return 0
 
 
 def _overrides_in(examples) -> list[str]:
@@ -196,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()
+    if args.command == "inspect":  # reads a finished or running run; no config, nothing trained
+        return run_inspect(args)
     command = commands()[args.command]
     overrides = list(args.overrides)
     if args.command == "doctor":  # `doctor [grpo|ppo|sft] ARGS`: that command's config, checked

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -33,6 +33,7 @@ from ..algorithms import (
     zero_spread_groups,
     zero_std_group_fraction,
 )
+from ..inspector import InspectConfig, inspected_update
 from ..models.forward import FORWARD_LAYOUTS, forward_in_chunks, forward_rows, split_rows
 from ..models.setup import describe
 from ..runtime.distributed import world
@@ -79,9 +80,11 @@ class GRPOConfig(RLConfig):
     # sampling.max_new_tokens, added to each answer's reward (logged as reward/overlong); 0: off
     overlong_penalty_cache: int = 0
     overlong_filter: bool = False  # answers cut at sampling.max_new_tokens (no EOS) are masked out of the loss
+    inspect: InspectConfig = field(default_factory=InspectConfig)  # a few groups per step kept for `policyopt inspect`
 
     def validate(self) -> None:
         super().validate()
+        self.inspect.validate()
         if self.group_size < 2:
             raise ValueError(
                 f"group_size must be >= 2: GRPO's advantage compares answers to the same prompt, and a "
@@ -116,8 +119,9 @@ def run_grpo(config: GRPOConfig) -> dict:
         advantages = group_relative_advantages(scored, config, actors.device)  # 3. one A_i per answer
         old_logp, ref_logp = old_and_reference_logprobs(actors, scored, config)
         is_weights = off_policy_correction(scored, old_logp, config, log_into=sampled)  # vllm: pi_old / pi_engine
-        sums = update_policy(run, step, actors, (optimizer, scheduler), scored, advantages, old_logp, ref_logp,
-                             config, is_weights)  # 4. update_epochs passes over minibatches
+        with inspected_update(run, actors, config, step, scored, advantages):  # inspect.groups: pi_old/theta/ref
+            sums = update_policy(run, step, actors, (optimizer, scheduler), scored, advantages, old_logp, ref_logp,
+                                 config, is_weights)  # 4. update_epochs passes over minibatches
         metrics = step_metrics(scored, sampled, sums, scheduler.get_last_lr()[0], started, config,  # 5.
                                with_kl=ref_logp is not None)
         run.log(step, metrics, evaluate, reward=f"{metrics['reward/mean']:.3f}")
