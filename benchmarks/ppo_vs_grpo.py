@@ -13,7 +13,8 @@ seconds per step, evaluations excluded. The figure (default ``benchmarks/results
 each run's accuracy as a step function of it (the last evaluation at or before t) in thin lines and the
 mean over seeds in bold, up to the shortest of that algorithm's runs, so every seed is in every mean
 point. The equal-time budget B is the smallest of the algorithms' mean training times; a run's accuracy
-at B is its last evaluation at or before B (a run that finished before B keeps its final accuracy).
+at B is its last evaluation at or before B (a run that finished before B keeps its final accuracy), and,
+as a check on that rule, the linear interpolation between the evaluations around B.
 Prints markdown tables (spread: min-max over seeds) and writes ``results.json`` next to the runs.
 """
 
@@ -61,6 +62,14 @@ def spread(values: list[float], digits: int) -> str:
     return f"{statistics.mean(values):.{digits}f} ({min(values):.{digits}f}–{max(values):.{digits}f})"
 
 
+def interpolated(points: list[list[float]], seconds: float) -> float:
+    """Accuracy at ``seconds`` linearly interpolated between the evaluations around it (the final one after
+    the end): the check on how much the step rule's choice of an earlier evaluation moves a number."""
+    import numpy as np
+
+    return float(np.interp(seconds, [t for t, _ in points], [v for _, v in points]))
+
+
 def analyse(summaries: dict[int, dict]) -> dict:
     """Per algorithm: each seed's final accuracy, accuracy at the budget, training seconds, seconds per step."""
     names = [n for n in ALGORITHMS if all(n in s for s in summaries.values())]
@@ -73,6 +82,7 @@ def analyse(summaries: dict[int, dict]) -> dict:
             "accuracy_start": [r["accuracy_before"] for r in runs],
             "accuracy_final": [r["accuracy_after"] for r in runs],
             "accuracy_at_budget": [accuracy_at(r["accuracy_by_training_time"], budget)[1] for r in runs],
+            "accuracy_at_budget_interpolated": [interpolated(r["accuracy_by_training_time"], budget) for r in runs],
             "training_seconds": [r["training_seconds"] for r in runs],
             "seconds_per_step_median": [r["seconds_per_step_median"] for r in runs],
             "points": [r["accuracy_by_training_time"] for r in runs],
@@ -83,11 +93,12 @@ def analyse(summaries: dict[int, dict]) -> dict:
 def table(report: dict) -> str:
     """The markdown tables: per algorithm over seeds, then per seed."""
     budget, algorithms = report["budget_seconds"], report["algorithms"]
-    lines = [f"| algorithm | final accuracy | accuracy at {budget:.1f} s of training | training seconds "
-             "| seconds per step (median) |", "|---|---:|---:|---:|---:|"]
+    lines = [f"| algorithm | final accuracy | accuracy at {budget:.1f} s of training | same, linearly interpolated "
+             "| training seconds | seconds per step (median) |", "|---|---:|---:|---:|---:|---:|"]
     for name, a in algorithms.items():
         lines.append(f"| {STAGE_LABELS[name]} | {spread(a['accuracy_final'], 3)} "
-                     f"| {spread(a['accuracy_at_budget'], 3)} | {spread(a['training_seconds'], 0)} "
+                     f"| {spread(a['accuracy_at_budget'], 3)} | {spread(a['accuracy_at_budget_interpolated'], 3)} "
+                     f"| {spread(a['training_seconds'], 0)} "
                      f"| {spread(a['seconds_per_step_median'], 3)} |")
     lines += ["", "| seed | SFT start | " + " | ".join(f"{STAGE_LABELS[n]}: final / at {budget:.1f} s"
                                                    for n in algorithms) + " |",
@@ -116,7 +127,7 @@ def plot(report: dict, path: Path) -> None:
         grid = np.linspace(0.0, min(a["training_seconds"]), 600)  # every seed has run this long
         mean = [statistics.mean(accuracy_at(points, t)[1] for points in a["points"]) for t in grid]
         ax.plot(grid, mean, color=color, linewidth=2.5,
-                label=f"{STAGE_LABELS[name]}: mean of {len(a['points'])} seeds")
+                label=f"{STAGE_LABELS[name]}: mean over {len(a['points'])} seed(s)")
     ax.axvline(report["budget_seconds"], linestyle=":", color="black",
                label=f"equal-time budget {report['budget_seconds']:.1f} s")
     ax.set_xlabel("training seconds (sum of seconds per step; evaluations excluded)")
