@@ -1,5 +1,6 @@
 """The GRPO family's pieces: pass@k, zero-spread groups, ratio diagnostics, DAPO's dynamic sampling and
-overlong handling, and the language reward. Hand-computed values; one short end-to-end run."""
+overlong handling, the language reward, and CISPO against PPO-clip through the GRPO loop. Hand-computed
+values; short end-to-end runs."""
 
 from __future__ import annotations
 
@@ -298,3 +299,52 @@ def test_language_target_from_the_config_or_the_row():
         language_reward(["p"], ["Hello"])
     with pytest.raises(LanguageRewardError, match="unknown language 'xx'"):
         RewardSpec("language:xx").load()
+
+
+# --- CISPO against PPO-clip through the GRPO loop -----------------------------------------------------
+
+def _first_update_gradients(tmp_path, monkeypatch, name: str, **settings) -> list[dict]:
+    """Every optimizer step's gradients (name -> tensor) in one GRPO step of a tiny model, captured inside
+    Run.optimizer_step before clipping and the update: the real rollout, advantages, pi_old pass and loss."""
+    from policyopt.runtime.run import Run
+
+    captured: list[dict] = []
+    original = Run.optimizer_step
+
+    def capturing(self, model, *args, **kwargs):
+        captured.append({k: p.grad.detach().clone() for k, p in model.named_parameters() if p.grad is not None})
+        return original(self, model, *args, **kwargs)
+
+    reward = tmp_path / "length.py"
+    reward.write_text("def length(prompts, completions, **columns):\n    return [float(len(c)) for c in completions]\n")
+    config = config_from_dict(GRPOConfig, {
+        "output_dir": str(tmp_path / name), "steps": 1, "prompts_per_step": 4, "group_size": 4, "eval_every": 0,
+        "optim": {"lr": 1e-2, "warmup_steps": 0}, "rewards": [{"function": f"{reward}:length"}],
+        "sampling": {"max_new_tokens": 6}, "data": {"eval_size": 4}, "loss_aggregation": "token_mean",
+        "model": {"tiny": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64}},
+        **settings})
+    with monkeypatch.context() as patch:  # undone on return, so a second call wraps the real method
+        patch.setattr(Run, "optimizer_step", capturing)
+        run_grpo(config)
+    return captured
+
+
+@pytest.mark.parametrize("num_minibatches", [1, 2])
+def test_cispo_gradient_equals_ppo_clip_while_the_weights_are_pi_old(tmp_path, monkeypatch, num_minibatches):
+    # On-policy (one minibatch, one epoch: pi_old = pi_theta) both losses' gradient is A * grad log pi per
+    # token, aggregated by token_mean: CISPO's detached weight w = clip(1) = 1, PPO's ratio exp(0) = 1 with
+    # nothing clipped. With 2 minibatches the first update still sees pi_theta = pi_old, but pi_old now comes
+    # from the separate no-gradient pass at the sampling temperature (grpo.old_and_reference_logprobs): the
+    # ratio is 1 only up to float32 rounding, and both losses scale the gradient by that same ratio.
+    ppo = _first_update_gradients(tmp_path, monkeypatch, "ppo", policy_loss="ppo_clip",
+                                  num_minibatches=num_minibatches)
+    cispo = _first_update_gradients(tmp_path, monkeypatch, "cispo", policy_loss="cispo", clip_ratio_low=1.0,
+                                    clip_ratio_high=0.28, num_minibatches=num_minibatches)
+    assert len(ppo) == len(cispo) == num_minibatches
+    assert ppo[0].keys() == cispo[0].keys() and ppo[0]
+    scale = max(float(g.abs().max()) for g in ppo[0].values())
+    assert scale > 0  # the length reward gives every group spread, so the gradient is not trivially 0
+    # float32 gradients of the same sums in the same order: equal up to a few ulps of the largest entry
+    # (and, with 2 minibatches, the ratio's own rounding, ~1e-7 relative)
+    for key, expected in ppo[0].items():
+        torch.testing.assert_close(cispo[0][key], expected, rtol=1e-5, atol=1e-6 * scale, msg=key)

@@ -201,6 +201,16 @@ def cispo_loss(
     aggregates over all the group's tokens (``token_mean``) and clips only from above (it sets
     eps_low large; eps_low >= 1 imposes no lower bound, since r_t > 0).
 
+    No trust region: PPO-clip gives no gradient to a token whose ratio is already past the clip on the
+    side its advantage pushes (A > 0 and r_t > 1 + eps_high, A < 0 and r_t < 1 - eps_low); CISPO keeps
+    pushing it, with weight 1 + eps_high (or r_t). With several optimizer steps per rollout
+    (num_minibatches or update_epochs > 1) the later steps therefore keep pushing what the earlier ones
+    moved most, and in a peaked policy those few unlikely tokens carry much of the gradient. So CISPO
+    wants a lower learning rate than PPO-clip, or fewer updates per rollout: on the demo's task with
+    4 minibatches, at the lr that suits PPO-clip (1e-3) it collapsed on 2 of 3 seeds, and at 3e-4 it
+    matched GRPO (``benchmarks/README.md``, "Variants side by side"). On-policy its gradient is
+    PPO-clip's with ``token_mean`` (``tests/test_grpo_family.py``).
+
     ``clipped`` marks the answer tokens whose weight was clipped, r_t > 1 + eps_high or
     r_t < 1 - eps_low (whatever the sign of A; their gradient is kept, with the clipped weight).
     Loss and ``clipped`` are 0 / False where ``mask`` is 0 (when a mask is given).
