@@ -46,6 +46,8 @@ VARIANTS = {
     "t10_s200": ("T=1.0, lr=5e-4, G=8, 200 steps", ["sampling.temperature=1.0", "optim.lr=5e-4", "group_size=8",
                                                     "steps=200"]),
     "defaults": ("the code's current defaults, nothing set", []),
+    "s200": ("the current defaults, 200 steps", ["steps=200"]),
+    "s200_lr1e3": ("the current defaults, 200 steps, lr=1e-3", ["steps=200", "optim.lr=1e-3"]),
 }
 
 # Built-in arithmetic: (what, data.task.* for both stages, SFT steps, SFT-only overrides). The SFT warm start
@@ -65,6 +67,17 @@ BUILTIN_TASKS = {
 GYM_TASKS = {
     "letter_counting": ("count a letter in 3-6 words", "letter_counting", {"min_words": 3, "max_words": 6}, 300),
     "count_bits": ("count the 1 bits of a number below 10000", "count_bits", {"min_n": 1, "max_n": 9999}, 300),
+    "word_reversal": ("reverse a list of 3-4 words", "word_sequence_reversal", {"min_words": 3, "max_words": 4}, 300),
+    "chain_sum": ("2-3 terms of 1-2 digits, + and -", "chain_sum",
+                  {"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 2}, 300),
+    "leg_counting": ("the legs of 2 kinds of animal, 1-3 of each", "leg_counting",
+                     {"min_animals": 2, "max_animals": 2, "max_instances": 3}, 300),
+}
+# The model SFT builds on the data when none is given (model.tiny.*): "default" is the code's default shape
+MODELS = {
+    "default": [],
+    "h128": ["model.tiny.hidden_size=128", "model.tiny.intermediate_size=512"],
+    "h128l4": ["model.tiny.hidden_size=128", "model.tiny.intermediate_size=512", "model.tiny.num_layers=4"],
 }
 NUM_DEMOS, NUM_PROMPTS, NUM_EVAL = 1000, 2000, 200
 # The built-in arithmetic as a user's files (plain-answer completions, an exact-match reward file): the README's
@@ -73,6 +86,12 @@ FILE_ARITH_TASKS = {
     "arith_easy_files": ("arith_easy as JSONL files and a file.py:fn reward", {"max_digits": 1, "operators": "+",
                                                                               "steps": 3}, 300, 300),
 }
+
+# A digit-string task of our own, the kind a user brings (none of its text is in the built-in task): prompts
+# "Sort the digits of 50391 from smallest to largest." -> "01359". (what, digits per string)
+# (what, digits per string, SFT steps: 300, SFT's default, already gives 98% on 6 digits, not a partial start)
+DIGIT_TASKS = {"digit_sort": ("sort the digits of a 6-digit string", 6, 300),
+               "digit_sort_short_sft": ("sort the digits of a 6-digit string, SFT 120 steps", 6, 120)}
 
 ARITH_REWARD_FILE = '''"""A user's reward: 1 when the answer is exactly the reference, else 0."""
 
@@ -134,6 +153,29 @@ def write_arith_files(directory: Path, task_fields: dict, num_demos: int, seed: 
     (directory / "my_rewards.py").write_text(ARITH_REWARD_FILE)
 
 
+def write_digit_files(directory: Path, length: int, seed: int) -> None:
+    """digit_sort as a user's files: demos.jsonl / prompts.jsonl / eval.jsonl (disjoint strings) and my_rewards.py."""
+    import random
+
+    rng, strings = random.Random(seed), []
+    seen: set = set()
+    while len(strings) < NUM_EVAL + NUM_DEMOS + NUM_PROMPTS:
+        digits = "".join(rng.choice("0123456789") for _ in range(length))
+        if digits not in seen:
+            seen.add(digits)
+            strings.append(digits)
+    parts = {"eval.jsonl": strings[:NUM_EVAL], "demos.jsonl": strings[NUM_EVAL:NUM_EVAL + NUM_DEMOS],
+             "prompts.jsonl": strings[NUM_EVAL + NUM_DEMOS:]}
+    directory.mkdir(parents=True, exist_ok=True)
+    for file, part in parts.items():
+        with open(directory / file, "w") as f:
+            for digits in part:
+                line = {"prompt": f"Sort the digits of {digits} from smallest to largest.",
+                        "answer": "".join(sorted(digits))}
+                f.write(json.dumps({**line, "completion": line["answer"]} if file == "demos.jsonl" else line) + "\n")
+    (directory / "my_rewards.py").write_text(ARITH_REWARD_FILE)
+
+
 def policyopt(command: str, args: list[str], log_path: Path) -> float:
     """Run ``policyopt COMMAND ARGS`` in a fresh process; returns its wall time. Fails loudly."""
     started = time.perf_counter()
@@ -152,8 +194,9 @@ def read_records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def run_task(task: str, variants: list[str], out: Path, seed: int) -> list[dict]:
-    directory = out / task
+def run_task(task: str, variants: list[str], out: Path, seed: int, model: str = "default") -> list[dict]:
+    """SFT once, then each GRPO variant from it, for ``task`` on ``seed`` with the SFT-built model ``model``."""
+    directory = out / model / f"seed{seed}" / task
     directory.mkdir(parents=True, exist_ok=True)
     if task in BUILTIN_TASKS:
         _, data_args, sft_steps, sft_only = BUILTIN_TASKS[task]
@@ -163,6 +206,9 @@ def run_task(task: str, variants: list[str], out: Path, seed: int) -> list[dict]
         if task in FILE_ARITH_TASKS:
             _, fields, sft_steps, num_demos = FILE_ARITH_TASKS[task]
             write_arith_files(directory, fields, num_demos, seed)
+        elif task in DIGIT_TASKS:
+            _, length, sft_steps = DIGIT_TASKS[task]
+            write_digit_files(directory, length, seed)
         else:
             _, name, config, sft_steps = GYM_TASKS[task]
             write_gym_task(directory, name, config, seed)
@@ -174,7 +220,7 @@ def run_task(task: str, variants: list[str], out: Path, seed: int) -> list[dict]
     sft_dir = directory / "sft"
     if not (sft_dir / "summary.json").exists():
         policyopt("sft", ["--output-dir", str(sft_dir), f"seed={seed}", f"steps={sft_steps}", "tensorboard=false",
-                          "eval_every=0", *sft_data], directory / "sft.log")
+                          "eval_every=0", *sft_data, *MODELS[model]], directory / "sft.log")
     sft = json.loads((sft_dir / "summary.json").read_text())
     results = []
     for variant in variants:
@@ -192,7 +238,7 @@ def run_task(task: str, variants: list[str], out: Path, seed: int) -> list[dict]
         steps = [r for r in read_records(grpo_dir / "metrics.jsonl") if "reward/mean" in r]
         mean = (lambda key: sum(r[key] for r in steps) / len(steps))
         results.append({
-            "task": task, "variant": variant, "settings": VARIANTS[variant][0], "seed": seed,
+            "task": task, "variant": variant, "settings": VARIANTS[variant][0], "seed": seed, "model": model,
             "sft_start_accuracy_sft_eval": sft["eval_after"].get(metric),
             "accuracy_before": summary["eval_before"][metric], "accuracy_after": summary["eval_after"][metric],
             "gain_points": 100 * (summary["eval_after"][metric] - summary["eval_before"][metric]),
@@ -206,29 +252,50 @@ def run_task(task: str, variants: list[str], out: Path, seed: int) -> list[dict]
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| task | GRPO settings | held-out before (SFT start) | after | gain | train reward | "
-             "zero-spread groups (mean / last 10 steps) |", "|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| model | seed | task | GRPO settings | held-out before (SFT start) | after | gain | train reward | "
+             "zero-spread groups (mean / last 10 steps) |", "|---|---:|---|---|---:|---:|---:|---:|---:|"]
     for r in results:
-        lines.append(f"| {r['task']} | {r['settings']} | {r['accuracy_before']:.3f} | {r['accuracy_after']:.3f} | "
+        lines.append(f"| {r['model']} | {r['seed']} | {r['task']} | {r['settings']} | {r['accuracy_before']:.3f} | {r['accuracy_after']:.3f} | "
                      f"{r['gain_points']:+.1f} | {r['train_reward_mean']:.3f} | {r['frac_zero_std_mean']:.2f} / "
                      f"{r['frac_zero_std_last10']:.2f} |")
+    return "\n".join(lines)
+
+
+def mean_table(results: list[dict]) -> str:
+    """Per (model, task, variant): the gain's mean and range over seeds."""
+    cells: dict = {}
+    for r in results:
+        cells.setdefault((r["model"], r["task"], r["variant"]), []).append(r)
+    lines = ["| model | task | GRPO settings | seeds | before (mean) | after (mean) | gain mean [min, max] |",
+             "|---|---|---|---:|---:|---:|---:|"]
+    for (model, task, variant), rows in cells.items():
+        gains = [r["gain_points"] for r in rows]
+        mean = (lambda key: sum(r[key] for r in rows) / len(rows))
+        lines.append(f"| {model} | {task} | {rows[0]['settings']} | {len(rows)} | {mean('accuracy_before'):.3f} | "
+                     f"{mean('accuracy_after'):.3f} | {sum(gains) / len(gains):+.1f} [{min(gains):+.1f}, "
+                     f"{max(gains):+.1f}] |")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", default="runs/defaults")
-    parser.add_argument("--tasks", nargs="*", default=[*BUILTIN_TASKS, *GYM_TASKS, *FILE_ARITH_TASKS])
+    parser.add_argument("--tasks", nargs="*", default=[*BUILTIN_TASKS, *GYM_TASKS, *FILE_ARITH_TASKS, *DIGIT_TASKS])
     parser.add_argument("--variants", nargs="*", default=["old", "t07", "t07_lr1e3", "t10_lr1e3"])
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="*", default=[0])
+    parser.add_argument("--models", nargs="*", default=["default"], choices=sorted(MODELS),
+                        help="the shape SFT builds when no model is given (model.tiny.*)")
     args = parser.parse_args()
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     results = []
-    for task in args.tasks:
-        results += run_task(task, args.variants, out, args.seed)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    for model in args.models:
+        for seed in args.seeds:
+            for task in args.tasks:
+                results += run_task(task, args.variants, out, seed, model)
+    (out / f"results-{int(time.time())}.json").write_text(json.dumps(results, indent=2))
     print(table(results))
+    print(mean_table(results))
 
 
 if __name__ == "__main__":

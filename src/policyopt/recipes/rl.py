@@ -68,7 +68,7 @@ class RLConfig(RunSettings):
     reward_max_unscored_batches: int = 3
 
     # batch geometry: each step samples prompts_per_step * group_size answers (the rollout batch)
-    steps: int = 60  # training steps, one rollout batch each
+    steps: int = 200  # training steps, one rollout batch each (60 left most tasks where they started: benchmarks/defaults.py)
     prompts_per_step: int = 64  # prompts sampled per step
     group_size: int = 8  # answers sampled per prompt (G)
     update_epochs: int = 1  # optimisation passes over each rollout batch (GRPO's mu, PPO's epochs)
