@@ -141,15 +141,21 @@ def write_arith_files(directory: Path, task_fields: dict, num_demos: int, seed: 
     """The built-in task's problems as demos.jsonl / prompts.jsonl / eval.jsonl (disjoint) and my_rewards.py."""
     from policyopt.data.arithmetic import ArithmeticTask, make_rows
 
-    rows = make_rows(NUM_EVAL + num_demos + NUM_PROMPTS, ArithmeticTask(**task_fields), seed)
+    rows = [{"prompt": row["prompt"], "answer": row["answer"]}
+            for row in make_rows(NUM_EVAL + num_demos + NUM_PROMPTS, ArithmeticTask(**task_fields), seed)]
+    write_user_files(directory, rows, num_demos)
+
+
+def write_user_files(directory: Path, rows: list[dict], num_demos: int) -> None:
+    """``rows`` ({prompt, answer}) as eval.jsonl (the first NUM_EVAL), demos.jsonl (the next ``num_demos``,
+    with the answer as the completion) and prompts.jsonl (the rest), and the exact-match my_rewards.py."""
     parts = {"eval.jsonl": rows[:NUM_EVAL], "demos.jsonl": rows[NUM_EVAL:NUM_EVAL + num_demos],
              "prompts.jsonl": rows[NUM_EVAL + num_demos:]}
     directory.mkdir(parents=True, exist_ok=True)
     for file, part in parts.items():
         with open(directory / file, "w") as f:
             for row in part:
-                line = {"prompt": row["prompt"], "answer": row["answer"]}
-                f.write(json.dumps({**line, "completion": row["answer"]} if file == "demos.jsonl" else line) + "\n")
+                f.write(json.dumps({**row, "completion": row["answer"]} if file == "demos.jsonl" else row) + "\n")
     (directory / "my_rewards.py").write_text(ARITH_REWARD_FILE)
 
 
@@ -164,16 +170,8 @@ def write_digit_files(directory: Path, length: int, seed: int) -> None:
         if digits not in seen:
             seen.add(digits)
             strings.append(digits)
-    parts = {"eval.jsonl": strings[:NUM_EVAL], "demos.jsonl": strings[NUM_EVAL:NUM_EVAL + NUM_DEMOS],
-             "prompts.jsonl": strings[NUM_EVAL + NUM_DEMOS:]}
-    directory.mkdir(parents=True, exist_ok=True)
-    for file, part in parts.items():
-        with open(directory / file, "w") as f:
-            for digits in part:
-                line = {"prompt": f"Sort the digits of {digits} from smallest to largest.",
-                        "answer": "".join(sorted(digits))}
-                f.write(json.dumps({**line, "completion": line["answer"]} if file == "demos.jsonl" else line) + "\n")
-    (directory / "my_rewards.py").write_text(ARITH_REWARD_FILE)
+    write_user_files(directory, [{"prompt": f"Sort the digits of {digits} from smallest to largest.",
+                                  "answer": "".join(sorted(digits))} for digits in strings], NUM_DEMOS)
 
 
 def policyopt(command: str, args: list[str], log_path: Path) -> float:
