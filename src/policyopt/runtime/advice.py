@@ -49,8 +49,9 @@ def _zero_spread(metrics: dict, memory: dict, config: Any) -> str | None:
     if share is None or share < ZERO_SPREAD_SHARE:
         return None
     return (f"{share:.0%} of groups gave all {_setting(config, 'group_size')} answers the same reward (mean reward "
-            f"{metrics.get('reward/mean', float('nan')):.3f}), so they carry no learning signal. Mostly wrong: "
-            f"warm-start with SFT (policyopt sft), lower sampling.temperature (now "
+            f"{metrics.get('reward/mean', float('nan')):.3f}), so they carry no learning signal, and the few that "
+            "differ still get a full-size AdamW step, which can lower accuracy. "
+            "Mostly wrong: warm-start with SFT (policyopt sft) or train it longer, lower sampling.temperature (now "
             f"{_setting(config, 'sampling.temperature')}), or use easier prompts; "
             "mostly right: harder prompts. A larger group_size finds more groups that differ")
 
