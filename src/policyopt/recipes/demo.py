@@ -36,7 +36,7 @@ from ..models.tiny import TinyModelConfig, count_parameters
 from ..rewards.combine import RewardSpec
 from ..rewards.harness import RewardHarness
 from ..runtime.config import load_config, save_config
-from ..runtime.metrics import read_metrics
+from ..runtime.metrics import accuracy_by_training_time, read_metrics
 from ..runtime.plots import plot_timeline
 from ..runtime.run import check_output_dir
 from .grpo import GRPOConfig, run_grpo
@@ -152,15 +152,10 @@ def heldout_accuracy(model_dir: str, rows: list[dict], max_new_tokens: int) -> f
 
 
 def _accuracy_by_time(stage_dir: Path, start_seconds: float) -> tuple[list[float], list[float]]:
-    """(training seconds, held-out accuracy) at each evaluation of a stage, its training time counted from
-    ``start_seconds``: the sum of its steps' ``seconds_per_step`` (evaluations excluded)."""
-    seconds, times, values = start_seconds, [], []
-    for record in read_metrics(stage_dir / "metrics.jsonl"):
-        seconds += record.get("seconds_per_step", 0.0)
-        if record.get("eval/accuracy") is not None:
-            times.append(seconds)
-            values.append(record["eval/accuracy"])
-    return times, values
+    """(training seconds, held-out accuracy) at each evaluation of a stage (``accuracy_by_training_time``),
+    its training time counted from ``start_seconds``."""
+    points = accuracy_by_training_time(read_metrics(stage_dir / "metrics.jsonl"))
+    return [start_seconds + t for t, _ in points], [accuracy for _, accuracy in points]
 
 
 def stage_configs(config: DemoConfig, out: Path) -> tuple[SFTConfig, GRPOConfig]:

@@ -43,7 +43,7 @@ from ..data.arithmetic import ArithmeticTask
 from ..models.tiny import TinyModelConfig
 from ..rewards.combine import REWARD_MODEL_PREFIX, RewardSpec
 from ..runtime.config import config_from_dict, load_config, save_config
-from ..runtime.metrics import read_metrics
+from ..runtime.metrics import accuracy_by_training_time, read_metrics
 from ..runtime.run import check_output_dir
 from ..runtime.signals import StopRequests, TrainingInterrupted
 from .grpo import GRPOConfig, run_grpo
@@ -382,21 +382,6 @@ WINDOW = 10  # steps averaged for the "first" and "last" training numbers
 
 def _median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
-
-
-def accuracy_by_training_time(records: list[dict]) -> list[tuple[float, float]]:
-    """(training seconds, held-out accuracy) at each evaluation in a recipe's metrics records, in order.
-
-    t_k = sum of ``seconds_per_step`` over the records up to and including the k-th evaluation's: a step's
-    evaluation runs after its training and is not timed in it, so evaluation cost never counts. The
-    evaluation before training (step 0, the SFT start) sits at t = 0.
-    """
-    seconds, points = 0.0, []
-    for record in records:
-        seconds += record.get("seconds_per_step", 0.0)
-        if record.get("eval/accuracy") is not None:
-            points.append((seconds, record["eval/accuracy"]))
-    return points
 
 
 def accuracy_at(points: list[tuple[float, float]], seconds: float) -> tuple[float, float] | None:

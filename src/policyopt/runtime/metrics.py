@@ -52,3 +52,18 @@ class MetricsLogger:
 def read_metrics(path: str | Path) -> list[dict]:
     with Path(path).open() as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def accuracy_by_training_time(records: list[dict]) -> list[tuple[float, float]]:
+    """(training seconds, held-out accuracy) at each evaluation in a recipe's metrics records, in order.
+
+    t_k = sum of ``seconds_per_step`` over the records up to and including the k-th evaluation's: a step's
+    evaluation runs after its training and is not timed in it, so evaluation cost never counts. The
+    evaluation before training (step 0, the SFT start) sits at t = 0.
+    """
+    seconds, points = 0.0, []
+    for record in records:
+        seconds += record.get("seconds_per_step", 0.0)
+        if record.get("eval/accuracy") is not None:
+            points.append((seconds, record["eval/accuracy"]))
+    return points
