@@ -36,7 +36,7 @@ def test_grpo_help_shows_the_new_keys_and_not_the_refused_one(capsys):
 
 
 def test_presets_defaults_are_shown_in_help():
-    assert "grpo.steps = 400  (int)" in config_help("demo")
+    assert "grpo.steps = 300  (int)" in config_help("demo")
     assert "ppo.missing_eos_penalty = 1.0" in config_help("pipeline")
 
 

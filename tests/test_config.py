@@ -105,7 +105,7 @@ def test_presets_are_found_by_name_and_unknown_names_list_them(tmp_path, monkeyp
 
 def test_the_commands_with_presets_start_from_them(capsys):
     demo, pipeline = demo_config(), pipeline_config()
-    assert demo.grpo.steps == 400 and demo.grpo.sampling.temperature == 0.7 and demo.task.steps == 3
+    assert demo.grpo.steps == 300 and demo.grpo.sampling.temperature == 0.7 and demo.task.steps == 3
     assert (pipeline.grpo.update_epochs, pipeline.grpo.num_minibatches, pipeline.grpo.minibatch_size) == (4, 2, 64)
     assert pipeline.ppo.rollout_size == pipeline.grpo.rollout_size == 128 and pipeline.ppo.group_size == 1
     assert pipeline.reward.data.builtin.num_prompts == 2000 and pipeline.reward.optim.lr == 1e-3
@@ -113,7 +113,7 @@ def test_the_commands_with_presets_start_from_them(capsys):
     assert DemoConfig().grpo.steps == GRPOConfig().steps != demo.grpo.steps
     assert isinstance(PipelineConfig().ppo, commands()["ppo"].config)
     assert main(["demo", "--print-config"]) == 0
-    assert "steps: 400" in capsys.readouterr().out
+    assert "steps: 300" in capsys.readouterr().out
     assert main(["pipeline", "--print-config", "--config", "pipeline"]) == 0
     assert "missing_eos_penalty: 1.0" in capsys.readouterr().out
 
