@@ -48,6 +48,7 @@ VARIANTS = {
     "defaults": ("the code's current defaults, nothing set", []),
     "s200": ("the current defaults, 200 steps", ["steps=200"]),
     "s200_lr1e3": ("the current defaults, 200 steps, lr=1e-3", ["steps=200", "optim.lr=1e-3"]),
+    "b004": ("the current defaults, beta=0.04 (K3 KL to the SFT start)", ["beta=0.04"]),
 }
 
 # Built-in arithmetic: (what, data.task.* for both stages, SFT steps, SFT-only overrides). The SFT warm start
@@ -87,11 +88,20 @@ FILE_ARITH_TASKS = {
                                                                               "steps": 3}, 300, 300),
 }
 
-# A digit-string task of our own, the kind a user brings (none of its text is in the built-in task): prompts
-# "Sort the digits of 50391 from smallest to largest." -> "01359". (what, digits per string)
-# (what, digits per string, SFT steps: 300, SFT's default, already gives 98% on 6 digits, not a partial start)
-DIGIT_TASKS = {"digit_sort": ("sort the digits of a 6-digit string", 6, 300),
-               "digit_sort_short_sft": ("sort the digits of a 6-digit string, SFT 120 steps", 6, 120)}
+# Digit-string tasks of our own, the kind a user brings (none of their text is in the built-in task), e.g.
+# "Sort the digits of 50391 from smallest to largest." -> "01359". (what, kind, digits per string, SFT steps)
+# (digit_sort with 300 SFT steps, SFT's default, already gives 98% on 6 digits: not a partial start.)
+# digit_reverse and digit_sum were added after the defaults were chosen, as tasks they were not tuned on.
+DIGIT_TASKS = {"digit_sort": ("sort the digits of a 6-digit string", "sort", 6, 300),
+               "digit_sort_short_sft": ("sort the digits of a 6-digit string, SFT 120 steps", "sort", 6, 120),
+               "digit_reverse": ("reverse a 5-digit string, SFT 300 steps", "reverse", 5, 300),
+               "digit_reverse_short_sft": ("reverse a 5-digit string, SFT 260 steps", "reverse", 5, 260),
+               "digit_sum": ("the sum of a 5-digit string's digits, SFT 300 steps", "sum", 5, 300)}
+DIGIT_KINDS = {  # kind -> (prompt, answer) of a digit string
+    "sort": lambda d: (f"Sort the digits of {d} from smallest to largest.", "".join(sorted(d))),
+    "reverse": lambda d: (f"Write {d} backwards.", d[::-1]),
+    "sum": lambda d: (f"What is the sum of the digits of {d}?", str(sum(int(c) for c in d))),
+}
 
 ARITH_REWARD_FILE = '''"""A user's reward: 1 when the answer is exactly the reference, else 0."""
 
@@ -159,8 +169,9 @@ def write_user_files(directory: Path, rows: list[dict], num_demos: int) -> None:
     (directory / "my_rewards.py").write_text(ARITH_REWARD_FILE)
 
 
-def write_digit_files(directory: Path, length: int, seed: int) -> None:
-    """digit_sort as a user's files: demos.jsonl / prompts.jsonl / eval.jsonl (disjoint strings) and my_rewards.py."""
+def write_digit_files(directory: Path, kind: str, length: int, seed: int) -> None:
+    """A digit-string task as a user's files: demos.jsonl / prompts.jsonl / eval.jsonl (disjoint strings)
+    and my_rewards.py."""
     import random
 
     rng, strings = random.Random(seed), []
@@ -170,8 +181,8 @@ def write_digit_files(directory: Path, length: int, seed: int) -> None:
         if digits not in seen:
             seen.add(digits)
             strings.append(digits)
-    write_user_files(directory, [{"prompt": f"Sort the digits of {digits} from smallest to largest.",
-                                  "answer": "".join(sorted(digits))} for digits in strings], NUM_DEMOS)
+    rows = [dict(zip(("prompt", "answer"), DIGIT_KINDS[kind](digits))) for digits in strings]
+    write_user_files(directory, rows, NUM_DEMOS)
 
 
 def policyopt(command: str, args: list[str], log_path: Path) -> float:
@@ -205,8 +216,8 @@ def run_task(task: str, variants: list[str], out: Path, seed: int, model: str = 
             _, fields, sft_steps, num_demos = FILE_ARITH_TASKS[task]
             write_arith_files(directory, fields, num_demos, seed)
         elif task in DIGIT_TASKS:
-            _, length, sft_steps = DIGIT_TASKS[task]
-            write_digit_files(directory, length, seed)
+            _, kind, length, sft_steps = DIGIT_TASKS[task]
+            write_digit_files(directory, kind, length, seed)
         else:
             _, name, config, sft_steps = GYM_TASKS[task]
             write_gym_task(directory, name, config, seed)

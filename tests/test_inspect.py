@@ -206,7 +206,7 @@ def _parsed(page: str) -> list[list[list[str]]]:
 
 
 def test_beta_zero_says_the_kl_is_absent(tmp_path, reward_file):
-    out = _run(tmp_path / "run", reward_file, steps=1)
+    out = _run(tmp_path / "run", reward_file, steps=1, beta=0.0)
     assert main(["inspect", str(out), "--output", str(tmp_path / "page.html")]) == 0
     page = (tmp_path / "page.html").read_text()
     assert "Absent: &beta; = 0" in page and "no &pi;<sub>ref</sub>" in page

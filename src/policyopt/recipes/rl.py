@@ -79,7 +79,7 @@ class RLConfig(RunSettings):
     max_tokens_per_forward: int = 8192
 
     # objective
-    beta: float = 0.0  # KL coefficient against the frozen reference; 0 skips the reference model entirely
+    beta: float = 0.0  # KL coefficient against the frozen reference; 0 skips the reference model entirely (GRPO: 0.04)
     policy_loss: PolicyLoss = "ppo_clip"  # the per-token policy loss (algorithms.POLICY_LOSSES)
     clip_ratio_low: float = 0.2  # the ratio pi/pi_old is clipped below at 1 - clip_ratio_low
     clip_ratio_high: float = 0.2  # and above at 1 + clip_ratio_high (> low: DAPO's clip-higher)
