@@ -176,6 +176,17 @@ def test_advice_warns_on_a_trend_once_then_every_n_steps(bad, rule, setting):
     assert setting in fired[first]
 
 
+def test_zero_spread_advice_suggests_a_kl_pull_only_when_there_is_none():
+    sparse = {"frac_reward_zero_std": 0.98, "reward/mean": 0.004}
+    messages = {}
+    for beta in (0.0, 0.04):
+        memory, config = {}, GRPOConfig(beta=beta)
+        fired = [advise(memory, step, {**_healthy(step), **sparse}, config) for step in range(1, PATIENCE + 1)]
+        messages[beta] = fired[-1][0]
+    assert "beta=0.04 (now 0)" in messages[0.0]
+    assert "beta=" not in messages[0.04]
+
+
 def test_advice_warns_at_once_on_failing_or_silent_rewards():
     memory, config = {}, GRPOConfig()
     metrics = {**_healthy(1), "reward_failures": 3}

@@ -329,6 +329,7 @@ def _surrogate(r: dict) -> str:
             _surrogate_panel(ax, loss, sign, low, high, points[sign], lo, hi, sequence)
             if row:
                 ax.set_title(ax.get_title() + " (zoomed)", fontsize=10)
+                ax.xaxis.set_major_locator(plt.MaxNLocator(4))  # offset tick labels are long: fewer, or they overlap
     fig.tight_layout()
     if loss == "cispo":
         drawn = ("CISPO has no clipped surrogate: its loss is &minus;sg[clip(r, 1&minus;&epsilon;<sub>low</sub>, "

@@ -53,7 +53,9 @@ def _zero_spread(metrics: dict, memory: dict, config: Any) -> str | None:
             "differ still get a full-size AdamW step, which can lower accuracy. "
             "Mostly wrong: warm-start with SFT (policyopt sft) or train it longer, lower sampling.temperature (now "
             f"{_setting(config, 'sampling.temperature')}), or use easier prompts; "
-            "mostly right: harder prompts. A larger group_size finds more groups that differ")
+            "mostly right: harder prompts. A larger group_size finds more groups that differ"
+            + ("; beta=0.04 (now 0) keeps the policy near its start while the signal is this sparse"
+               if _setting(config, "beta", None) == 0 else ""))
 
 
 def _reward_failures(metrics: dict, memory: dict, config: Any) -> str | None:
