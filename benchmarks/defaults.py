@@ -49,6 +49,7 @@ VARIANTS = {
     "s200": ("the current defaults, 200 steps", ["steps=200"]),
     "s200_lr1e3": ("the current defaults, 200 steps, lr=1e-3", ["steps=200", "optim.lr=1e-3"]),
     "b004": ("the current defaults, beta=0.04 (K3 KL to the SFT start)", ["beta=0.04"]),
+    "b0": ("the current defaults, beta=0 (the default before the third round)", ["beta=0"]),
 }
 
 # Built-in arithmetic: (what, data.task.* for both stages, SFT steps, SFT-only overrides). The SFT warm start
